@@ -1,0 +1,273 @@
+//! The pipe's background task: the one place where connections are made, replaced and given up.
+//!
+//! Every reconnect runs here, one at a time. User requests (`connect`, `force_reconnect`,
+//! `accept_reconnection`) and failure events from the reader and writer arrive on channels;
+//! requests that arrive while a reconnect runs join it (single flight), and failures of an older
+//! generation are ignored. Closing the pipe cancels whatever is in progress, including a
+//! reconnector call, and ends the task.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::backoff::Backoff;
+use crate::error::{BoxError, Error, Result};
+use crate::event::ErrorEvent;
+use crate::pipe::{PipeState, Shared};
+use crate::reconnector::{Connection, Reconnector};
+
+/// A request from a user handle to the supervisor.
+#[derive(Debug)]
+pub(crate) enum Request<C> {
+    Connect {
+        reply: oneshot::Sender<Result<()>>,
+    },
+    ForceReconnect {
+        reply: oneshot::Sender<Result<()>>,
+    },
+    Accept {
+        remote_seq: u64,
+        conn: C,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    /// Internal: reconnect with retries after losing an established connection.
+    Resume,
+}
+
+/// What a reconnect does once it runs.
+enum Plan<C> {
+    /// Ask the reconnector; with `retry`, keep going with backoff until success or close.
+    Dial { retry: bool },
+    /// Attach a connection the peer opened.
+    Attach { remote_seq: u64, conn: C },
+}
+
+/// The reconnector type of a passive pipe, which has none.
+#[derive(Debug)]
+pub(crate) struct NoReconnector<C>(PhantomData<fn() -> C>);
+
+impl<C: Connection> Reconnector for NoReconnector<C> {
+    type Conn = C;
+
+    fn reconnect(&self, _: u64) -> impl Future<Output = Result<(C, u64), BoxError>> + Send {
+        std::future::ready(Err("pipe has no reconnector".into()))
+    }
+}
+
+pub(crate) struct Supervisor<R: Reconnector> {
+    shared: Arc<Shared<R::Conn>>,
+    reconnector: Option<R>,
+    requests: mpsc::UnboundedReceiver<Request<R::Conn>>,
+    events: mpsc::UnboundedReceiver<ErrorEvent>,
+    /// Requests that arrived during a reconnect and could not join it.
+    backlog: VecDeque<Request<R::Conn>>,
+    backoff: Backoff,
+    max_attempts: Option<u32>,
+    /// Set by the first successful connection: from then on, losing it starts retries.
+    established: bool,
+}
+
+impl<R: Reconnector> Supervisor<R> {
+    pub(crate) fn new(
+        shared: Arc<Shared<R::Conn>>,
+        reconnector: Option<R>,
+        requests: mpsc::UnboundedReceiver<Request<R::Conn>>,
+        events: mpsc::UnboundedReceiver<ErrorEvent>,
+        backoff: Backoff,
+        max_attempts: Option<u32>,
+    ) -> Self {
+        Supervisor {
+            shared,
+            reconnector,
+            requests,
+            events,
+            backlog: VecDeque::new(),
+            backoff,
+            max_attempts,
+            established: false,
+        }
+    }
+
+    pub(crate) async fn run(mut self) {
+        let closed = self.shared.closed.clone();
+        loop {
+            if closed.is_cancelled() {
+                break;
+            }
+            if let Some(request) = self.backlog.pop_front() {
+                self.on_request(request).await;
+                continue;
+            }
+            tokio::select! {
+                biased;
+                () = closed.cancelled() => break,
+                Some(request) = self.requests.recv() => self.on_request(request).await,
+                Some(event) = self.events.recv() => self.on_failure(event),
+                else => break,
+            }
+        }
+        tracing::debug!("pipe supervisor stopped");
+    }
+
+    async fn on_request(&mut self, request: Request<R::Conn>) {
+        let state = self.shared.state();
+        let refusal = match &state {
+            PipeState::Closed => Some(Error::PipeClosed),
+            PipeState::Failed(err) => Some(err.clone()),
+            PipeState::Connected if matches!(request, Request::Connect { .. }) => {
+                Some(Error::PipeAlreadyConnected)
+            }
+            _ => None,
+        };
+        let (reply, plan) = match request {
+            Request::Connect { reply } | Request::ForceReconnect { reply } => {
+                (Some(reply), Plan::Dial { retry: false })
+            }
+            Request::Accept {
+                remote_seq,
+                conn,
+                reply,
+            } => (Some(reply), Plan::Attach { remote_seq, conn }),
+            Request::Resume if refusal.is_none() && !matches!(state, PipeState::Connected) => {
+                (None, Plan::Dial { retry: true })
+            }
+            Request::Resume => return,
+        };
+        if let Some(err) = refusal {
+            if let Some(reply) = reply {
+                let _ = reply.send(Err(err));
+            }
+            return;
+        }
+        self.flight(reply.into_iter().collect(), plan).await;
+    }
+
+    fn on_failure(&mut self, event: ErrorEvent) {
+        let current = self.shared.generation();
+        if event.generation != current || !matches!(self.shared.state(), PipeState::Connected) {
+            tracing::trace!(%event, current, "ignoring failure of an old connection");
+            return;
+        }
+        tracing::info!(%event, "connection lost");
+        self.shared.reader.detach();
+        self.shared.writer.detach();
+        self.shared.set_state(PipeState::Disconnected);
+        if self.reconnector.is_some() {
+            self.backlog.push_back(Request::Resume);
+        }
+    }
+
+    /// Runs one reconnect to its end (or until close) and answers everyone who joined it.
+    async fn flight(&mut self, mut waiters: Vec<oneshot::Sender<Result<()>>>, plan: Plan<R::Conn>) {
+        let result = {
+            let Supervisor {
+                shared,
+                reconnector,
+                requests,
+                backlog,
+                backoff,
+                max_attempts,
+                ..
+            } = self;
+            let work = async {
+                match plan {
+                    Plan::Dial { retry } => {
+                        dial(shared, reconnector.as_ref(), backoff, retry, *max_attempts).await
+                    }
+                    Plan::Attach { remote_seq, conn } => {
+                        shared.next_generation();
+                        shared.reader.detach();
+                        shared.writer.detach();
+                        let result = shared.attach(conn, remote_seq).await;
+                        settle(shared, result)
+                    }
+                }
+            };
+            tokio::pin!(work);
+            loop {
+                tokio::select! {
+                    biased;
+                    () = shared.closed.cancelled() => break Err(Error::PipeClosed),
+                    Some(request) = requests.recv() => match request {
+                        Request::ForceReconnect { reply } => waiters.push(reply),
+                        Request::Connect { reply } => {
+                            let _ = reply.send(Err(Error::ReconnectionInProgress));
+                        }
+                        other => backlog.push_back(other),
+                    },
+                    result = &mut work => break result,
+                }
+            }
+        };
+        match &result {
+            Ok(()) => self.established = true,
+            Err(err) if !err.is_terminal() && self.established && self.reconnector.is_some() => {
+                // A failed forced reconnect must not strand an established pipe.
+                self.backlog.push_back(Request::Resume);
+            }
+            Err(_) => {}
+        }
+        for waiter in waiters {
+            let _ = waiter.send(result.clone());
+        }
+    }
+}
+
+/// Asks the reconnector for connections until one attaches, or (without `retry`) once.
+async fn dial<R: Reconnector>(
+    shared: &Shared<R::Conn>,
+    reconnector: Option<&R>,
+    backoff: &mut Backoff,
+    retry: bool,
+    max_attempts: Option<u32>,
+) -> Result<()> {
+    let Some(reconnector) = reconnector else {
+        return Err(Error::reconnect_failed("pipe has no reconnector"));
+    };
+    backoff.reset();
+    loop {
+        let result = reconnect_once(shared, reconnector).await;
+        let err = match settle(shared, result) {
+            Ok(()) => return Ok(()),
+            Err(err) => err,
+        };
+        if !retry || err.is_terminal() {
+            return Err(err);
+        }
+        let attempts = backoff.attempt() + 1;
+        if max_attempts.is_some_and(|max| attempts >= max) {
+            shared.fail(err.clone());
+            return Err(err);
+        }
+        let delay = backoff.next_delay();
+        tracing::warn!(attempt = attempts, ?delay, error = %err, "reconnect failed; retrying");
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// One reconnector call: detach the old connection (capturing the read offset), dial, attach.
+async fn reconnect_once<R: Reconnector>(shared: &Shared<R::Conn>, reconnector: &R) -> Result<()> {
+    shared.next_generation();
+    let reader_seq = shared.reader.detach().ok_or(Error::PipeClosed)?;
+    shared.writer.detach();
+    let (conn, remote_seq) = reconnector
+        .reconnect(reader_seq)
+        .await
+        .map_err(Error::reconnect_failed)?;
+    shared.attach(conn, remote_seq).await
+}
+
+/// Applies the outcome of an attempt to the pipe's state.
+fn settle<C: Connection>(shared: &Shared<C>, result: Result<()>) -> Result<()> {
+    if let Err(err) = &result {
+        if err.is_terminal() {
+            shared.fail(err.clone());
+        } else {
+            shared.set_state(PipeState::Disconnected);
+        }
+    }
+    result
+}
