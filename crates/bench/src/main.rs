@@ -1,1 +1,396 @@
-fn main() {}
+//! `bpbench`: measures backedpipe against the physical limit (raw TCP) in the same process,
+//! interleaved, and prints medians. See DESIGN §6 and docs/BENCHMARKS.md.
+
+#![warn(missing_docs)]
+
+mod pin;
+mod rig;
+mod stats;
+
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use rig::Rig;
+use stats::{median, ratio_median};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+const CHUNK: usize = 64 * 1024;
+
+#[derive(Parser)]
+#[command(version, about = "Benchmarks backedpipe against raw TCP in the same process")]
+struct Cli {
+    #[command(subcommand)]
+    bench: Bench,
+    /// Print exactly one JSON line instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Wire mode of the pipe.
+    #[arg(long, global = true, value_enum, default_value_t = Mode::Raw)]
+    mode: Mode,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Mode {
+    /// The Go-compatible raw byte stream.
+    Raw,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// One direction over loopback, 64 KiB writes: raw TCP vs the pipe, interleaved pairs.
+    Throughput {
+        /// Bytes per run.
+        #[arg(long, default_value_t = 1 << 30)]
+        bytes: u64,
+        /// Interleaved (raw, pipe) pairs after one warm-up pair.
+        #[arg(long, default_value_t = 9)]
+        pairs: usize,
+        /// CPUs the process may use (1 pins every thread to one CPU, the stable measure).
+        #[arg(long, default_value_t = 1)]
+        cpus: usize,
+        /// Replay-buffer capacity of each pipe.
+        #[arg(long, default_value_t = backedpipe::DEFAULT_BUFFER_SIZE)]
+        capacity: usize,
+    },
+    /// Reconnect latency: a bare TCP connect plus an 8-byte round trip vs a pipe cut while
+    /// idle until a small message is delivered; and the first byte after a cut mid-transfer.
+    Reconnect {
+        /// Samples of each kind.
+        #[arg(long, default_value_t = 51)]
+        samples: usize,
+    },
+    /// Resident memory per idle connected pipe pair.
+    Memory {
+        /// Pairs to hold open.
+        #[arg(long, default_value_t = 1000)]
+        pairs: usize,
+    },
+}
+
+fn main() -> Result<(), BoxError> {
+    let cli = Cli::parse();
+    let cpus = match cli.bench {
+        Bench::Throughput { cpus, .. } => cpus,
+        _ => 2,
+    };
+    if cpus == 1 {
+        // Before the runtime starts, so every thread it spawns inherits the mask.
+        pin::pin_to_one_cpu()?;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let Mode::Raw = cli.mode;
+    let report = runtime.block_on(async {
+        match cli.bench {
+            Bench::Throughput {
+                bytes,
+                pairs,
+                cpus,
+                capacity,
+            } => throughput(bytes, pairs, cpus, capacity).await,
+            Bench::Reconnect { samples } => reconnect(samples).await,
+            Bench::Memory { pairs } => memory(pairs).await,
+        }
+    })?;
+    if cli.json {
+        println!("{}", report.json);
+    } else {
+        println!("{}", report.text);
+    }
+    Ok(())
+}
+
+struct Report {
+    json: serde_json::Value,
+    text: String,
+}
+
+async fn throughput(bytes: u64, pairs: usize, cpus: usize, capacity: usize) -> Result<Report, BoxError> {
+    let mut raw = Vec::new();
+    let mut pipe = Vec::new();
+    for i in 0..=pairs {
+        let r = raw_throughput(bytes).await?;
+        let p = pipe_throughput(bytes, capacity).await?;
+        eprintln!("pair {i}: raw {r:.0} MB/s, pipe {p:.0} MB/s, ratio {:.3}", p / r);
+        if i > 0 {
+            // Pair 0 warms pages and caches; it is not counted.
+            raw.push(r);
+            pipe.push(p);
+        }
+    }
+    let ratio = ratio_median(&pipe, &raw);
+    let (raw_mb_s, pipe_mb_s) = (median(&raw), median(&pipe));
+    Ok(Report {
+        json: json!({
+            "bench": "throughput", "mode": "raw", "bytes": bytes, "cpus": cpus,
+            "raw_tcp_mb_s": round(raw_mb_s), "pipe_mb_s": round(pipe_mb_s), "ratio": round3(ratio),
+        }),
+        text: format!(
+            "throughput (raw mode, {cpus} cpu, {bytes} bytes, {pairs} pairs): raw TCP {raw_mb_s:.0} MB/s, pipe {pipe_mb_s:.0} MB/s, ratio {ratio:.3}"
+        ),
+    })
+}
+
+/// A writer task and a reader task on a plain TCP connection.
+async fn raw_throughput(bytes: u64) -> Result<f64, BoxError> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+    let (mut tx, (mut rx, _)) = (client?, accepted?);
+    let start = Instant::now();
+    let writer = tokio::spawn(async move {
+        let chunk = vec![7u8; CHUNK];
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(CHUNK as u64) as usize;
+            tx.write_all(&chunk[..n]).await?;
+            left -= n as u64;
+        }
+        Ok::<_, std::io::Error>(tx)
+    });
+    let reader = tokio::spawn(async move {
+        let mut buf = vec![0u8; CHUNK];
+        let mut got = 0u64;
+        while got < bytes {
+            let n = rx.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            got += n as u64;
+        }
+        Ok::<_, std::io::Error>(got)
+    });
+    let got = reader.await??;
+    let elapsed = start.elapsed();
+    drop(writer.await??);
+    check_count(got, bytes)?;
+    Ok(mb_per_s(bytes, elapsed))
+}
+
+/// The same layout through a pair of pipes: the client pipe's write half on a writer task,
+/// the server pipe on a reader task.
+async fn pipe_throughput(bytes: u64, capacity: usize) -> Result<f64, BoxError> {
+    let Rig {
+        client,
+        server,
+        cutter: _,
+        accept_task,
+    } = Rig::new(capacity).await?;
+    let (client_read, mut tx) = client.into_split();
+    let start = Instant::now();
+    let writer = tokio::spawn(async move {
+        let chunk = vec![7u8; CHUNK];
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(CHUNK as u64) as usize;
+            tx.write_all(&chunk[..n]).await?;
+            left -= n as u64;
+        }
+        Ok::<_, std::io::Error>(tx)
+    });
+    let reader = {
+        let server = server.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; CHUNK];
+            let mut got = 0u64;
+            while got < bytes {
+                let n = server.read(&mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                got += n as u64;
+            }
+            Ok::<_, backedpipe::Error>(got)
+        })
+    };
+    let got = reader.await??;
+    let elapsed = start.elapsed();
+    let tx = writer.await??;
+    check_count(got, bytes)?;
+    tx.close().await?;
+    drop(client_read);
+    server.close().await?;
+    accept_task.abort();
+    Ok(mb_per_s(bytes, elapsed))
+}
+
+fn check_count(got: u64, want: u64) -> Result<(), BoxError> {
+    if got == want {
+        Ok(())
+    } else {
+        Err(format!("received {got} bytes, expected {want}").into())
+    }
+}
+
+fn mb_per_s(bytes: u64, elapsed: Duration) -> f64 {
+    bytes as f64 / elapsed.as_secs_f64() / 1e6
+}
+
+fn round(x: f64) -> f64 {
+    x.round()
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+async fn reconnect(samples: usize) -> Result<Report, BoxError> {
+    let mut bare = Vec::new();
+    let mut pipe = Vec::new();
+    let rig = Rig::new(1 << 20).await?;
+    let (echo_addr, echo_task) = echo_server().await?;
+    for i in 0..=samples {
+        let b = bare_connect_round_trip(echo_addr).await?;
+        let p = pipe_idle_reconnect(&rig).await?;
+        if i > 0 {
+            bare.push(b);
+            pipe.push(p);
+        }
+    }
+    let mut first_byte = Vec::new();
+    for _ in 0..samples.min(21) {
+        first_byte.push(stream_first_byte().await?);
+    }
+    echo_task.abort();
+    let Rig {
+        client,
+        server,
+        accept_task,
+        ..
+    } = rig;
+    client.close().await?;
+    server.close().await?;
+    accept_task.abort();
+    let ratio = ratio_median(&pipe, &bare);
+    let (bare_us, pipe_us, first_us) = (median(&bare), median(&pipe), median(&first_byte));
+    Ok(Report {
+        json: json!({
+            "bench": "reconnect", "mode": "raw", "bare_us": round(bare_us), "pipe_us": round(pipe_us),
+            "ratio": round3(ratio), "stream_first_byte_us": round(first_us),
+        }),
+        text: format!(
+            "reconnect (raw mode, {samples} samples): bare connect+RTT {bare_us:.0} us, pipe cut->delivered {pipe_us:.0} us, ratio {ratio:.3}; cut mid-stream -> first byte {first_us:.0} us"
+        ),
+    })
+}
+
+async fn echo_server() -> Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>), BoxError> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = conn.set_nodelay(true);
+                let mut buf = [0u8; 8];
+                if conn.read_exact(&mut buf).await.is_ok() {
+                    let _ = conn.write_all(&buf).await;
+                }
+            });
+        }
+    });
+    Ok((addr, task))
+}
+
+/// A TCP connect plus one 8-byte round trip, in microseconds.
+async fn bare_connect_round_trip(addr: std::net::SocketAddr) -> Result<f64, BoxError> {
+    let start = Instant::now();
+    let mut conn = TcpStream::connect(addr).await?;
+    conn.set_nodelay(true)?;
+    conn.write_all(&42u64.to_be_bytes()).await?;
+    let mut buf = [0u8; 8];
+    conn.read_exact(&mut buf).await?;
+    Ok(start.elapsed().as_secs_f64() * 1e6)
+}
+
+/// Cuts an idle connected pair and times until a small message written right after the cut is
+/// read on the other side, in microseconds.
+async fn pipe_idle_reconnect(rig: &Rig) -> Result<f64, BoxError> {
+    let mut status = rig.server.status();
+    status.wait_for(|s| matches!(s, backedpipe::PipeState::Connected)).await?;
+    let server = rig.server.clone();
+    // The reader is in flight before the cut, as in a live session.
+    let reader = tokio::spawn(async move {
+        let mut buf = [0u8; 8];
+        let mut got = 0;
+        while got < 8 {
+            let n = server.read(&mut buf[got..]).await?;
+            if n == 0 {
+                return Err(backedpipe::Error::PipeClosed);
+            }
+            got += n;
+        }
+        Ok(Instant::now())
+    });
+    tokio::task::yield_now().await;
+    let start = Instant::now();
+    rig.cutter.cut();
+    rig.client.write(&7u64.to_be_bytes()).await?;
+    let delivered = reader.await??;
+    Ok(delivered.duration_since(start).as_secs_f64() * 1e6)
+}
+
+/// Cuts a pair during a bulk transfer and times until the first byte arrives over the new
+/// connection, in microseconds.
+async fn stream_first_byte() -> Result<f64, BoxError> {
+    let Rig {
+        client,
+        server,
+        cutter,
+        accept_task,
+    } = Rig::new(8 << 20).await?;
+    let (_client_read, mut tx) = client.into_split();
+    let writer = tokio::spawn(async move {
+        let chunk = vec![3u8; CHUNK];
+        while tx.write_all(&chunk).await.is_ok() {}
+    });
+    let mut buf = vec![0u8; CHUNK];
+    // Let the transfer reach full speed.
+    let mut got = 0u64;
+    while got < 16 << 20 {
+        got += server.read(&mut buf).await? as u64;
+    }
+    let generation = server.generation();
+    let start = Instant::now();
+    cutter.cut();
+    loop {
+        let n = server.read(&mut buf).await?;
+        if n == 0 {
+            return Err("pipe closed during the measurement".into());
+        }
+        if server.generation() != generation {
+            break;
+        }
+    }
+    let elapsed = start.elapsed();
+    writer.abort();
+    server.close().await?;
+    accept_task.abort();
+    Ok(elapsed.as_secs_f64() * 1e6)
+}
+
+async fn memory(pairs: usize) -> Result<Report, BoxError> {
+    pin::raise_fd_limit(pairs * 2 + 64);
+    let before = stats::rss_bytes()?;
+    let mut rigs = Vec::with_capacity(pairs);
+    for _ in 0..pairs {
+        rigs.push(Rig::new(backedpipe::DEFAULT_BUFFER_SIZE).await?);
+    }
+    let after = stats::rss_bytes()?;
+    let per_pair_kib = (after.saturating_sub(before)) as f64 / pairs as f64 / 1024.0;
+    for rig in rigs {
+        rig.client.close().await?;
+        rig.server.close().await?;
+        rig.accept_task.abort();
+    }
+    Ok(Report {
+        json: json!({"bench": "memory", "mode": "raw", "pairs": pairs, "rss_per_pair_kib": (per_pair_kib * 10.0).round() / 10.0}),
+        text: format!("memory (raw mode): {pairs} idle connected pairs, {per_pair_kib:.1} KiB RSS per pair"),
+    })
+}
