@@ -192,11 +192,9 @@ impl<C: Connection> BackedPipe<C> {
             backoff,
             config.max_reconnect_attempts,
         );
-        let task = runtime.spawn(
-            supervisor
-                .run()
-                .instrument(tracing::debug_span!("backedpipe")),
-        );
+        // A per-pipe id in every log line of the pipe, so the lines of one pipe can be matched.
+        let span = tracing::debug_span!("pipe", id = %format_args!("{:08x}", random_seed() as u32));
+        let task = runtime.spawn(supervisor.run().instrument(span));
         *shared
             .supervisor
             .lock()
@@ -257,6 +255,30 @@ impl<C: Connection> BackedPipe<C> {
             conn,
             reply,
         })
+    }
+
+    /// Drops the current connection and returns the number of bytes read from the peer at that
+    /// instant: the offset to send a peer that is about to resume, before handing its connection
+    /// to [`accept_reconnection`](Self::accept_reconnection).
+    ///
+    /// Reading [`reader_sequence_num`](Self::reader_sequence_num) instead would race with bytes
+    /// still arriving on the old connection (the Go handler's defect): they would be counted
+    /// after the offset was sent, and the peer would send them twice.
+    ///
+    /// # Errors
+    /// [`Error::PipeClosed`] after close, or the pipe's terminal error.
+    pub async fn detach(&self) -> Result<u64> {
+        let (reply, answer) = oneshot::channel();
+        if self.shared().closed.is_cancelled()
+            || self
+                .shared()
+                .requests
+                .send(Request::Detach { reply })
+                .is_err()
+        {
+            return Err(Error::PipeClosed);
+        }
+        answer.await.unwrap_or(Err(Error::PipeClosed))
     }
 
     /// Closes the pipe and its connection, interrupting any reconnect in progress, and waits for
@@ -376,13 +398,20 @@ impl<C: Connection> Shared<C> {
         });
     }
 
-    /// Starts a new connection generation: old failures are ignored from here on.
-    pub(crate) fn next_generation(&self) -> u64 {
+    /// Drops the current connection and starts a new generation, returning the read offset at
+    /// the moment the old connection was dropped.
+    ///
+    /// The old transport goes first: a failure it reports before that carries the old
+    /// generation and is ignored, and afterwards it can report nothing. (Bumping first would
+    /// let a late failure of the old transport pass for one of the new.)
+    pub(crate) fn begin_generation(&self) -> Result<u64> {
+        let reader_seq = self.reader.detach().ok_or(Error::PipeClosed)?;
+        self.writer.detach();
         let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
         self.reader.set_generation(generation);
         self.writer.set_generation(generation);
         self.set_state(PipeState::Reconnecting);
-        generation
+        Ok(reader_seq)
     }
 
     /// Attaches a new connection: reads flow at once (so two sides replaying to each other

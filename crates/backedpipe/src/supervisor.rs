@@ -33,6 +33,9 @@ pub(crate) enum Request<C> {
         conn: C,
         reply: oneshot::Sender<Result<()>>,
     },
+    Detach {
+        reply: oneshot::Sender<Result<u64>>,
+    },
     /// Internal: reconnect with retries after losing an established connection.
     Resume,
 }
@@ -113,6 +116,13 @@ impl<R: Reconnector> Supervisor<R> {
     }
 
     async fn on_request(&mut self, request: Request<R::Conn>) {
+        let request = match request {
+            Request::Detach { reply } => {
+                let _ = reply.send(self.detach());
+                return;
+            }
+            other => other,
+        };
         let state = self.shared.state();
         let refusal = match &state {
             PipeState::Closed => Some(Error::PipeClosed),
@@ -134,7 +144,7 @@ impl<R: Reconnector> Supervisor<R> {
             Request::Resume if refusal.is_none() && !matches!(state, PipeState::Connected) => {
                 (None, Plan::Dial { retry: true })
             }
-            Request::Resume => return,
+            Request::Resume | Request::Detach { .. } => return,
         };
         if let Some(err) = refusal {
             if let Some(reply) = reply {
@@ -143,6 +153,19 @@ impl<R: Reconnector> Supervisor<R> {
             return;
         }
         self.flight(reply.into_iter().collect(), plan).await;
+    }
+
+    /// Drops the current connection and returns the read offset at that instant, for a peer
+    /// that is about to resume.
+    fn detach(&mut self) -> Result<u64> {
+        match self.shared.state() {
+            PipeState::Closed => return Err(Error::PipeClosed),
+            PipeState::Failed(err) => return Err(err),
+            _ => {}
+        }
+        let seq = self.shared.begin_generation()?;
+        self.shared.set_state(PipeState::Disconnected);
+        Ok(seq)
     }
 
     fn on_failure(&mut self, event: ErrorEvent) {
@@ -178,10 +201,10 @@ impl<R: Reconnector> Supervisor<R> {
                         dial(shared, reconnector.as_ref(), backoff, retry, *max_attempts).await
                     }
                     Plan::Attach { remote_seq, conn } => {
-                        shared.next_generation();
-                        shared.reader.detach();
-                        shared.writer.detach();
-                        let result = shared.attach(conn, remote_seq).await;
+                        let result = match shared.begin_generation() {
+                            Ok(_) => shared.attach(conn, remote_seq).await,
+                            Err(err) => Err(err),
+                        };
                         settle(shared, result)
                     }
                 }
@@ -202,6 +225,11 @@ impl<R: Reconnector> Supervisor<R> {
                 }
             }
         };
+        tracing::debug!(
+            ?result,
+            generation = self.shared.generation(),
+            "reconnect finished"
+        );
         match &result {
             Ok(()) => self.established = true,
             Err(err) if !err.is_terminal() && self.established && self.reconnector.is_some() => {
@@ -250,9 +278,7 @@ async fn dial<R: Reconnector>(
 
 /// One reconnector call: detach the old connection (capturing the read offset), dial, attach.
 async fn reconnect_once<R: Reconnector>(shared: &Shared<R::Conn>, reconnector: &R) -> Result<()> {
-    shared.next_generation();
-    let reader_seq = shared.reader.detach().ok_or(Error::PipeClosed)?;
-    shared.writer.detach();
+    let reader_seq = shared.begin_generation()?;
     let (conn, remote_seq) = reconnector
         .reconnect(reader_seq)
         .await
