@@ -22,7 +22,10 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 const CHUNK: usize = 64 * 1024;
 
 #[derive(Parser)]
-#[command(version, about = "Benchmarks backedpipe against raw TCP in the same process")]
+#[command(
+    version,
+    about = "Benchmarks backedpipe against raw TCP in the same process"
+)]
 struct Cli {
     #[command(subcommand)]
     bench: Bench,
@@ -112,13 +115,21 @@ struct Report {
     text: String,
 }
 
-async fn throughput(bytes: u64, pairs: usize, cpus: usize, capacity: usize) -> Result<Report, BoxError> {
+async fn throughput(
+    bytes: u64,
+    pairs: usize,
+    cpus: usize,
+    capacity: usize,
+) -> Result<Report, BoxError> {
     let mut raw = Vec::new();
     let mut pipe = Vec::new();
     for i in 0..=pairs {
         let r = raw_throughput(bytes).await?;
         let p = pipe_throughput(bytes, capacity).await?;
-        eprintln!("pair {i}: raw {r:.0} MB/s, pipe {p:.0} MB/s, ratio {:.3}", p / r);
+        eprintln!(
+            "pair {i}: raw {r:.0} MB/s, pipe {p:.0} MB/s, ratio {:.3}",
+            p / r
+        );
         if i > 0 {
             // Pair 0 warms pages and caches; it is not counted.
             raw.push(r);
@@ -313,7 +324,9 @@ async fn bare_connect_round_trip(addr: std::net::SocketAddr) -> Result<f64, BoxE
 /// read on the other side, in microseconds.
 async fn pipe_idle_reconnect(rig: &Rig) -> Result<f64, BoxError> {
     let mut status = rig.server.status();
-    status.wait_for(|s| matches!(s, backedpipe::PipeState::Connected)).await?;
+    status
+        .wait_for(|s| matches!(s, backedpipe::PipeState::Connected))
+        .await?;
     let server = rig.server.clone();
     // The reader is in flight before the cut, as in a live session.
     let reader = tokio::spawn(async move {
@@ -391,6 +404,8 @@ async fn memory(pairs: usize) -> Result<Report, BoxError> {
     }
     Ok(Report {
         json: json!({"bench": "memory", "mode": "raw", "pairs": pairs, "rss_per_pair_kib": (per_pair_kib * 10.0).round() / 10.0}),
-        text: format!("memory (raw mode): {pairs} idle connected pairs, {per_pair_kib:.1} KiB RSS per pair"),
+        text: format!(
+            "memory (raw mode): {pairs} idle connected pairs, {per_pair_kib:.1} KiB RSS per pair"
+        ),
     })
 }

@@ -31,7 +31,9 @@ pub fn raise_fd_limit(wanted: usize) {
     // SAFETY: `rlimit` is plain data; getrlimit/setrlimit read and write exactly one of them.
     unsafe {
         let mut limit: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && (limit.rlim_cur as usize) < wanted {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0
+            && (limit.rlim_cur as usize) < wanted
+        {
             limit.rlim_cur = (wanted as libc::rlim_t).min(limit.rlim_max);
             libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         }

@@ -62,7 +62,12 @@ pub struct Cutter {
 impl Cutter {
     /// Shuts the current connection down in both directions.
     pub fn cut(&self) {
-        if let Some(conn) = self.current.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some(conn) = self
+            .current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
             let _ = conn.shutdown(std::net::Shutdown::Both);
         }
     }
@@ -72,9 +77,10 @@ impl Rig {
     pub async fn new(capacity: usize) -> Result<Rig, BoxError> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        let config = PipeConfig::default()
-            .buffer_capacity(capacity)
-            .backoff(std::time::Duration::from_millis(1), std::time::Duration::from_millis(50));
+        let config = PipeConfig::default().buffer_capacity(capacity).backoff(
+            std::time::Duration::from_millis(1),
+            std::time::Duration::from_millis(50),
+        );
         let server = Arc::new(BackedPipe::passive(config.clone())?);
         let accept_task = tokio::spawn(accept_loop(listener, server.clone()));
         let current = Arc::default();
@@ -87,7 +93,9 @@ impl Rig {
         )?;
         let mut status = server.status();
         client.connect().await?;
-        status.wait_for(|s| matches!(s, backedpipe::PipeState::Connected)).await?;
+        status
+            .wait_for(|s| matches!(s, backedpipe::PipeState::Connected))
+            .await?;
         Ok(Rig {
             client,
             server,
@@ -105,7 +113,9 @@ async fn accept_loop(listener: TcpListener, server: Arc<BackedPipe<TcpStream>>) 
         let server = server.clone();
         tokio::spawn(async move {
             while let Some(mut conn) = rx.recv().await {
-                let Ok(client_seq) = conn.read_u64().await else { continue };
+                let Ok(client_seq) = conn.read_u64().await else {
+                    continue;
+                };
                 if conn.write_u64(server.reader_sequence_num()).await.is_err() {
                     continue;
                 }
