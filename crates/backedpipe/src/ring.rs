@@ -147,15 +147,21 @@ impl ReplayBuffer {
                 available: self.len,
             });
         }
+        Ok(self.last(n))
+    }
+
+    /// The newest `n <= len` bytes as two slices.
+    fn last(&self, n: usize) -> (&[u8], &[u8]) {
+        debug_assert!(n <= self.len);
         if n == 0 {
-            return Ok((&[], &[]));
+            return (&[], &[]);
         }
         let size = self.storage.len();
         let start = (self.head + self.len - n) % size;
         if start + n <= size {
-            Ok((&self.storage[start..start + n], &[]))
+            (&self.storage[start..start + n], &[])
         } else {
-            Ok((&self.storage[start..], &self.storage[..n - (size - start)]))
+            (&self.storage[start..], &self.storage[..n - (size - start)])
         }
     }
 
@@ -230,9 +236,13 @@ impl ReplayBuffer {
             .max(self.storage.len() * 2)
             .max(MIN_COMMIT)
             .min(self.capacity);
-        // Straighten the held bytes to the front so they stay contiguous after growing.
-        self.storage.rotate_left(self.head);
+        // A fresh zeroed allocation (large ones come straight from the OS, already zero, so no
+        // page is touched until a byte lands on it), then the held bytes copied to its front.
+        let mut storage = vec![0; new_size];
+        let (first, second) = self.last(self.len);
+        storage[..first.len()].copy_from_slice(first);
+        storage[first.len()..self.len].copy_from_slice(second);
+        self.storage = storage;
         self.head = 0;
-        self.storage.resize(new_size, 0);
     }
 }
