@@ -116,10 +116,15 @@ async fn accept_loop(listener: TcpListener, server: Arc<BackedPipe<TcpStream>>) 
                 let Ok(client_seq) = conn.read_u64().await else {
                     continue;
                 };
-                if conn.write_u64(server.reader_sequence_num()).await.is_err() {
+                // Drop the old connection first and send the offset taken at that instant.
+                let Ok(server_seq) = server.detach().await else {
+                    break;
+                };
+                if conn.write_u64(server_seq).await.is_err() {
                     continue;
                 }
-                let _ = server.accept_reconnection(client_seq, conn).await;
+                // On its own task: a replay may need the client to read first.
+                tokio::spawn(server.accept_reconnection(client_seq, conn));
             }
         })
     };
