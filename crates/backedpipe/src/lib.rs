@@ -17,7 +17,8 @@
 //! - [`BackedWriter`] and [`BackedReader`]: the two halves, each surviving transport loss;
 //! - [`BackedPipe`]: both halves over one connection, with a background task that reconnects
 //!   through a [`Reconnector`];
-//! - [`Backoff`] and [`PipeConfig`]: retry timing and settings.
+//! - [`Backoff`] and [`PipeConfig`]: retry timing and settings;
+//! - [`session`]: the sans-IO core of session mode (acks, heartbeats, liveness).
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
@@ -45,6 +46,7 @@ mod pipe;
 mod reader;
 mod reconnector;
 mod ring;
+pub mod session;
 mod supervisor;
 mod wake;
 mod writer;
