@@ -18,7 +18,8 @@
 //! - [`BackedPipe`]: both halves over one connection, with a background task that reconnects
 //!   through a [`Reconnector`];
 //! - [`Backoff`] and [`PipeConfig`]: retry timing and settings;
-//! - [`session`]: the sans-IO core of session mode (acks, heartbeats, liveness).
+//! - [`session`]: the sans-IO core of session mode (acks, heartbeats, liveness);
+//! - [`proto`]: the session protocol's wire layer (frames, decoder, handshake), sans-IO.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
@@ -43,6 +44,7 @@ mod config;
 mod error;
 mod event;
 mod pipe;
+pub mod proto;
 mod reader;
 mod reconnector;
 mod ring;
