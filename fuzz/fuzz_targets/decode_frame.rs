@@ -21,7 +21,11 @@ fn run(data: &[u8], mut chunk: impl FnMut() -> usize) -> (Vec<Frame>, Option<Dec
                 Ok(None) => break,
                 Err(e) => {
                     assert!(decoder.is_failed());
-                    assert_eq!(decoder.next_frame(), Err(e.clone()), "a failed decoder stays failed");
+                    assert_eq!(
+                        decoder.next_frame(),
+                        Err(e.clone()),
+                        "a failed decoder stays failed"
+                    );
                     return (frames, Some(e), true);
                 }
             }
@@ -34,11 +38,13 @@ fn run(data: &[u8], mut chunk: impl FnMut() -> usize) -> (Vec<Frame>, Option<Dec
 fuzz_target!(|data: &[u8]| {
     // Chunk sizes from a small generator seeded by the input (FNV-1a), so the corpus stays plain
     // frame bytes and chunking still varies.
-    let mut state = data
-        .iter()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x100_0000_01b3));
+    let mut state = data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ *b as u64).wrapping_mul(0x100_0000_01b3)
+    });
     let chunked = run(data, || {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         1 + (state >> 33) as usize % 64
     });
     let whole = run(data, || usize::MAX);

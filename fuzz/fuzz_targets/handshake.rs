@@ -26,7 +26,9 @@ fn check_sendable(frame: &Frame) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&role, rest)) = data.split_first() else { return };
+    let Some((&role, rest)) = data.split_first() else {
+        return;
+    };
     let mut decoder = FrameDecoder::new();
     decoder.push(rest);
     let mut frames = std::iter::from_fn(|| decoder.next_frame().ok().flatten());
