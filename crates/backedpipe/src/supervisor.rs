@@ -221,7 +221,17 @@ impl<R: Reconnector> Supervisor<R> {
                         }
                         other => backlog.push_back(other),
                     },
-                    result = &mut work => break result,
+                    result = &mut work => {
+                        // A force_reconnect registered before the reconnect finished joins it,
+                        // even if it arrived after `recv` was last polled in this round.
+                        while let Ok(request) = requests.try_recv() {
+                            match request {
+                                Request::ForceReconnect { reply } => waiters.push(reply),
+                                other => backlog.push_back(other),
+                            }
+                        }
+                        break result;
+                    }
                 }
             }
         };
