@@ -61,4 +61,4 @@ pub use pipe::{BackedPipe, OwnedReadHalf, OwnedWriteHalf, PipeState};
 pub use reader::BackedReader;
 pub use reconnector::{reconnector_fn, Connection, FnReconnector, Reconnector};
 pub use ring::ReplayBuffer;
-pub use writer::BackedWriter;
+pub use writer::{BackedWriter, Retention};

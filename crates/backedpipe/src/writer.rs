@@ -53,9 +53,24 @@ pub struct BackedWriter<W> {
     events: EventSender,
 }
 
+/// How long the writer keeps the bytes it sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Retention {
+    /// Keep the newest `capacity` bytes, evicting the oldest (the Go package; raw mode). A peer
+    /// more than `capacity` bytes behind cannot resume.
+    #[default]
+    EvictOldest,
+    /// Keep every byte until the peer acknowledges it with
+    /// [`acknowledge`](BackedWriter::acknowledge); writes wait while `capacity` bytes are
+    /// unacknowledged (session mode). Nothing unacknowledged is ever dropped, and memory stays
+    /// bounded by the capacity whatever the peer does.
+    UntilAcked,
+}
+
 #[derive(Debug)]
 struct WriterState<W> {
     ring: ReplayBuffer,
+    retention: Retention,
     transport: Option<W>,
     link: Link,
     /// Bytes handed to the current transport (meaningful while `link` is not `Down`).
@@ -82,10 +97,38 @@ impl<W: AsyncWrite + Unpin> BackedWriter<W> {
     /// # Errors
     /// [`Error::InvalidCapacity`] if `capacity` is zero.
     pub fn new(capacity: usize, events: EventSender) -> Result<Self> {
+        Self::with_retention(capacity, Retention::EvictOldest, events)
+    }
+
+    /// Creates a disconnected writer that keeps its bytes as `retention` says.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), backedpipe::Error> {
+    /// use backedpipe::{BackedWriter, Retention};
+    ///
+    /// let (events, _failures) = tokio::sync::mpsc::unbounded_channel();
+    /// let writer = BackedWriter::with_retention(4, Retention::UntilAcked, events)?;
+    /// writer.reconnect(0, tokio::io::sink()).await?;
+    /// writer.write(b"full").await?; // the buffer is now full: a fifth byte would wait
+    /// writer.acknowledge(3)?; // the peer has three of them
+    /// writer.write(b"!").await?;
+    /// assert_eq!(writer.buffered().0, 2);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::InvalidCapacity`] if `capacity` is zero.
+    pub fn with_retention(
+        capacity: usize,
+        retention: Retention,
+        events: EventSender,
+    ) -> Result<Self> {
         let (waiters, fanout) = WaitList::new();
         Ok(BackedWriter {
             state: Mutex::new(WriterState {
                 ring: ReplayBuffer::new(capacity)?,
+                retention,
                 transport: None,
                 link: Link::Down,
                 sent_seq: 0,
@@ -112,6 +155,26 @@ impl<W: AsyncWrite + Unpin> BackedWriter<W> {
     /// Sets the connection generation carried by this writer's [`ErrorEvent`]s.
     pub fn set_generation(&self, generation: u64) {
         self.lock().generation = generation;
+    }
+
+    /// The peer has received every byte before `seq`: they are released from the replay
+    /// buffer, and writes waiting for room wake up.
+    ///
+    /// # Errors
+    /// [`Error::FutureSequence`] if `seq` is beyond the bytes written (the peer is lying);
+    /// nothing is released.
+    pub fn acknowledge(&self, seq: u64) -> Result<()> {
+        let mut st = self.lock();
+        if seq > st.ring.end_seq() {
+            return Err(Error::FutureSequence {
+                requested: seq,
+                written: st.ring.end_seq(),
+            });
+        }
+        st.ring.trim_to(seq);
+        drop(st);
+        self.waiters.wake_all();
+        Ok(())
     }
 
     /// Bytes held for replay, and bytes of memory committed to hold them.
@@ -246,7 +309,15 @@ impl<W: AsyncWrite + Unpin> BackedWriter<W> {
         let mut tcx = self.waiters.context(cx, &self.fanout);
         // While up, everything committed has been handed over, so the chunk below is the only
         // unsent data and the ring can never evict a byte the peer has not been sent.
-        let chunk = &buf[..buf.len().min(st.ring.capacity())];
+        let room = match st.retention {
+            Retention::EvictOldest => st.ring.capacity(),
+            Retention::UntilAcked => st.ring.free(),
+        };
+        if room == 0 {
+            // Backpressure: an acknowledgement (or close) wakes this task.
+            return Poll::Pending;
+        }
+        let chunk = &buf[..buf.len().min(room)];
         let (Link::Up, Some(transport)) = (st.link, st.transport.as_mut()) else {
             return Poll::Pending;
         };
@@ -259,12 +330,12 @@ impl<W: AsyncWrite + Unpin> BackedWriter<W> {
             failed => {
                 // The bytes are committed anyway: the replay after the reconnect delivers them.
                 let err = failed.err().unwrap_or_else(short_write);
-                st.ring.write(chunk);
+                st.commit(chunk);
                 self.transport_failed(&mut st, err);
                 return Poll::Ready(Ok((chunk.len(), st.ring.end_seq())));
             }
         };
-        st.ring.write(&chunk[..n]);
+        st.commit(&chunk[..n]);
         Poll::Ready(Ok((n, st.ring.end_seq())))
     }
 
@@ -359,6 +430,21 @@ impl<W: AsyncWrite + Unpin> BackedWriter<W> {
 
     fn lock(&self) -> MutexGuard<'_, WriterState<W>> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl<W> WriterState<W> {
+    /// Adds bytes to the replay buffer; the caller has checked they fit under `retention`.
+    fn commit(&mut self, bytes: &[u8]) {
+        match self.retention {
+            Retention::EvictOldest => {
+                self.ring.write(bytes);
+            }
+            Retention::UntilAcked => {
+                let taken = self.ring.append(bytes);
+                debug_assert_eq!(taken, bytes.len());
+            }
+        }
     }
 }
 
