@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex};
 use backedpipe::{BackedPipe, BoxError, PipeConfig, Reconnector};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
 
 /// Dials the rig's listener and exchanges sequence numbers.
 struct Dialer {
@@ -106,33 +105,21 @@ impl Rig {
 }
 
 async fn accept_loop(listener: TcpListener, server: Arc<BackedPipe<TcpStream>>) {
-    // Attach in order, one at a time, on a task of its own so a slow handshake cannot hold up
-    // the listener.
-    let (tx, mut rx) = mpsc::unbounded_channel::<TcpStream>();
-    let attach = {
-        let server = server.clone();
-        tokio::spawn(async move {
-            while let Some(mut conn) = rx.recv().await {
-                let Ok(client_seq) = conn.read_u64().await else {
-                    continue;
-                };
-                // Drop the old connection first and send the offset taken at that instant.
-                let Ok(server_seq) = server.detach().await else {
-                    break;
-                };
-                if conn.write_u64(server_seq).await.is_err() {
-                    continue;
-                }
-                // On its own task: a replay may need the client to read first.
-                tokio::spawn(server.accept_reconnection(client_seq, conn));
-            }
-        })
-    };
-    while let Ok((conn, _)) = listener.accept().await {
+    // One connection at a time, inline: the rig's only client never dials twice at once.
+    while let Ok((mut conn, _)) = listener.accept().await {
         let _ = conn.set_nodelay(true);
-        if tx.send(conn).is_err() {
+        let Ok(client_seq) = conn.read_u64().await else {
+            continue;
+        };
+        // Drop the old connection first and send the offset taken at that instant.
+        let Ok(server_seq) = server.detach().await else {
             break;
+        };
+        if conn.write_u64(server_seq).await.is_err() {
+            continue;
         }
+        // The request is queued now; its answer is not awaited, since a replay may need the
+        // client to read first.
+        drop(server.accept_reconnection(client_seq, conn));
     }
-    attach.abort();
 }
