@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use backedpipe::{reconnector_fn, BackedPipe, BoxError, PipeConfig};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::io::DuplexStream;
 use tokio::task::JoinHandle;
 
 /// The relay of the current link, so the main task can cut it.
@@ -60,19 +60,22 @@ async fn main() -> Result<(), BoxError> {
     left.connect().await?;
 
     let start = Instant::now();
-    let (left_read, left_write) = left.into_split();
-    let right_read = right.clone();
+    let left = Arc::new(left);
     let (progress_tx, mut progress) = tokio::sync::watch::channel(0usize);
-    let sending = tokio::spawn(send(left_write, total, 1));
-    let echoing = tokio::spawn(async move {
-        // The right side sends its own stream back while it receives.
-        let recv = receive(right_read.clone(), total, 1, progress_tx);
-        let send = send_shared(right_read, total, 2);
-        let (r, s) = tokio::join!(recv, send);
-        s?;
-        r
-    });
-    let receiving = tokio::spawn(receive_half(left_read, total, 2));
+    let sending = tokio::spawn(send(left.clone(), total, 1));
+    let echoing = {
+        let right = right.clone();
+        tokio::spawn(async move {
+            // The right side sends its own stream back while it receives.
+            let (r, s) = tokio::join!(
+                receive(right.clone(), total, 1, Some(progress_tx)),
+                send(right, total, 2)
+            );
+            s?;
+            r
+        })
+    };
+    let receiving = tokio::spawn(receive(left.clone(), total, 2, None));
 
     // Cut at evenly spaced points of the left-to-right transfer.
     let mut cut = 0;
@@ -113,23 +116,6 @@ fn pattern(stream: u8, i: usize) -> u8 {
 }
 
 async fn send(
-    mut w: backedpipe::OwnedWriteHalf<DuplexStream>,
-    total: usize,
-    stream: u8,
-) -> Result<(), BoxError> {
-    let mut off = 0;
-    let mut chunk = Vec::with_capacity(32 * 1024);
-    while off < total {
-        let n = (total - off).min(32 * 1024);
-        chunk.clear();
-        chunk.extend((off..off + n).map(|i| pattern(stream, i)));
-        w.write_all(&chunk).await?;
-        off += n;
-    }
-    Ok(())
-}
-
-async fn send_shared(
     pipe: Arc<BackedPipe<DuplexStream>>,
     total: usize,
     stream: u8,
@@ -146,11 +132,12 @@ async fn send_shared(
     Ok(())
 }
 
+/// Reads and checks `total` bytes, reporting progress to the cutter if asked.
 async fn receive(
     pipe: Arc<BackedPipe<DuplexStream>>,
     total: usize,
     stream: u8,
-    progress: tokio::sync::watch::Sender<usize>,
+    progress: Option<tokio::sync::watch::Sender<usize>>,
 ) -> Result<usize, BoxError> {
     let mut buf = vec![0u8; 64 * 1024];
     let mut off = 0;
@@ -158,22 +145,9 @@ async fn receive(
         let n = pipe.read(&mut buf).await?;
         check(&buf[..n], off, stream)?;
         off += n;
-        progress.send_replace(off);
-    }
-    Ok(off)
-}
-
-async fn receive_half(
-    mut r: backedpipe::OwnedReadHalf<DuplexStream>,
-    total: usize,
-    stream: u8,
-) -> Result<usize, BoxError> {
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut off = 0;
-    while off < total {
-        let n = r.read(&mut buf).await?;
-        check(&buf[..n], off, stream)?;
-        off += n;
+        if let Some(progress) = &progress {
+            progress.send_replace(off);
+        }
     }
     Ok(off)
 }
