@@ -268,17 +268,9 @@ impl<C: Connection> BackedPipe<C> {
     /// # Errors
     /// [`Error::PipeClosed`] after close, or the pipe's terminal error.
     pub async fn detach(&self) -> Result<u64> {
-        let (reply, answer) = oneshot::channel();
-        if self.shared().closed.is_cancelled()
-            || self
-                .shared()
-                .requests
-                .send(Request::Detach { reply })
-                .is_err()
-        {
-            return Err(Error::PipeClosed);
-        }
-        answer.await.unwrap_or(Err(Error::PipeClosed))
+        self.shared()
+            .request(|reply| Request::Detach { reply })
+            .await
     }
 
     /// Closes the pipe and its connection, interrupting any reconnect in progress, and waits for
@@ -364,10 +356,10 @@ impl<C: Connection> OwnedWriteHalf<C> {
 
 impl<C: Connection> Shared<C> {
     /// Sends a request to the supervisor now and returns a future for its answer.
-    fn request(
+    fn request<T: Send + 'static>(
         &self,
-        make: impl FnOnce(oneshot::Sender<Result<()>>) -> Request<C>,
-    ) -> impl Future<Output = Result<()>> + Send + 'static {
+        make: impl FnOnce(oneshot::Sender<Result<T>>) -> Request<C>,
+    ) -> impl Future<Output = Result<T>> + Send + 'static {
         let (reply, answer) = oneshot::channel();
         let sent = !self.closed.is_cancelled() && self.requests.send(make(reply)).is_ok();
         async move {
