@@ -1,5 +1,5 @@
 //! Seed parity for `BackedPipe`: one test per item P-1..P-20 of
-//! `/work/shared/reference/seed-behaviour.md` section 1.4, the historical concurrent read/write
+//! the seed behaviour checklist (`reference/seed-behaviour.md` beside DESIGN.md), section 1.4, the historical concurrent read/write
 //! test (`p_hist_`), and the branch-only API (`p_branch_`).
 //!
 //! Mapping: Go's `io.EOF` from `Write`/`ForceReconnect` after close is `Err(Error::PipeClosed)`;

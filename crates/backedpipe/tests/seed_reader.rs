@@ -1,5 +1,5 @@
 //! Seed parity for `BackedReader`: one test per item R-1..R-12 of
-//! `/work/shared/reference/seed-behaviour.md` section 1.3, plus the code-only lines that can be
+//! the seed behaviour checklist (`reference/seed-behaviour.md` beside DESIGN.md), section 1.3, plus the code-only lines that can be
 //! expressed in Rust.
 //!
 //! Go's two-phase reconnect maps to `reader.reconnect(seq_tx, new_source).await`; Go's `(0, EOF)`
