@@ -17,7 +17,6 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use backedpipe::{BackedPipe, Error, PipeConfig, PipeState};
 use common::*;
@@ -25,29 +24,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
-
-/// Long enough that, with paused time, a timeout firing proves the future is stuck.
-const HOUR: Duration = Duration::from_secs(3600);
-
-/// Deadline for a whole paused-time test. Virtual time only moves when every task is idle, so
-/// this fires only if the test is stuck for good (a broken behaviour then fails instead of
-/// hanging); it is far longer than the one-hour proofs a test makes.
-const STUCK: Duration = Duration::from_secs(1000 * 3600);
-
-/// Runs a paused-time test body, failing if it gets stuck for good.
-async fn guarded(body: impl std::future::Future<Output = ()>) {
-    timeout(STUCK, body)
-        .await
-        .expect("test stuck: a future that should complete never will");
-}
-
-/// Runs a real-time (multi-thread) test body with a generous safety net, so a deadlock fails
-/// the test instead of hanging it. It is never used for synchronisation.
-async fn guarded_rt(body: impl std::future::Future<Output = ()>) {
-    timeout(Duration::from_secs(60), body)
-        .await
-        .expect("test deadlocked");
-}
 
 type Pipe = BackedPipe<KillableConn>;
 

@@ -24,36 +24,12 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use backedpipe::{BackedReader, Component};
 use common::*;
 use tokio::io::{AsyncRead, AsyncWriteExt, DuplexStream, ReadBuf};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::timeout;
-
-/// Long enough that, with paused time, a timeout firing proves the future is stuck.
-const HOUR: Duration = Duration::from_secs(3600);
-
-/// Deadline for a whole paused-time test. Virtual time only moves when every task is idle, so
-/// this fires only if the test is stuck for good (a broken behaviour then fails instead of
-/// hanging); it is far longer than the one-hour proofs a test makes.
-const STUCK: Duration = Duration::from_secs(1000 * 3600);
-
-/// Runs a paused-time test body, failing if it gets stuck for good.
-async fn guarded(body: impl std::future::Future<Output = ()>) {
-    timeout(STUCK, body)
-        .await
-        .expect("test stuck: a future that should complete never will");
-}
-
-/// Runs a real-time (multi-thread) test body with a generous safety net, so a deadlock fails
-/// the test instead of hanging it. It is never used for synchronisation.
-async fn guarded_rt(body: impl std::future::Future<Output = ()>) {
-    timeout(Duration::from_secs(60), body)
-        .await
-        .expect("test deadlocked");
-}
 
 /// One step of a [`ScriptSource`].
 #[derive(Debug, Clone, Copy)]

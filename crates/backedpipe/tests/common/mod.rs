@@ -11,10 +11,34 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use backedpipe::{BoxError, ErrorEvent, Reconnector};
 use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
 use tokio::sync::{mpsc, Notify};
+
+/// Long enough that, with paused time, a timeout firing proves the future is stuck.
+pub const HOUR: Duration = Duration::from_secs(3600);
+
+/// Deadline for a whole paused-time test. Virtual time only moves when every task is idle, so
+/// this fires only if the test is stuck for good (a broken behaviour then fails instead of
+/// hanging); it is far longer than the one-hour proofs a test makes.
+pub const STUCK: Duration = Duration::from_secs(1000 * 3600);
+
+/// Runs a paused-time test body, failing if it gets stuck for good.
+pub async fn guarded(body: impl std::future::Future<Output = ()>) {
+    tokio::time::timeout(STUCK, body)
+        .await
+        .expect("test stuck: a future that should complete never will");
+}
+
+/// Runs a real-time (multi-thread) test body with a generous safety net, so a deadlock fails
+/// the test instead of hanging it. It is never used for synchronisation.
+pub async fn guarded_rt(body: impl std::future::Future<Output = ()>) {
+    tokio::time::timeout(Duration::from_secs(60), body)
+        .await
+        .expect("test deadlocked");
+}
 
 /// An event channel for a standalone reader or writer.
 pub fn events() -> (
