@@ -50,6 +50,7 @@ mod reconnector;
 mod ring;
 pub mod session;
 mod supervisor;
+mod transport;
 mod wake;
 mod writer;
 
@@ -61,4 +62,7 @@ pub use pipe::{BackedPipe, OwnedReadHalf, OwnedWriteHalf, PipeState};
 pub use reader::BackedReader;
 pub use reconnector::{reconnector_fn, Connection, FnReconnector, Reconnector};
 pub use ring::ReplayBuffer;
+#[cfg(unix)]
+pub use transport::UnixConnector;
+pub use transport::{connector_fn, BoxIo, Connector, FnConnector, Io, TcpConnector};
 pub use writer::{BackedWriter, Retention};

@@ -1,0 +1,126 @@
+//! What session mode runs over: any byte stream ([`Io`]), and how a client opens a fresh one
+//! ([`Connector`]). TCP and Unix-socket connectors live here; TLS wraps any of them
+//! ([`TlsConnector`](crate::TlsConnector)).
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// A byte stream session mode can run over: TCP, a Unix socket, TLS, an HTTP upgrade, an
+/// in-memory duplex, ...
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// A boxed [`Io`], so that sessions over different transports have one type.
+pub type BoxIo = Box<dyn Io>;
+
+/// Opens a fresh transport to the server, for a session's first connection and every resume.
+///
+/// The session runs its handshake over what this returns and bounds the whole attempt with its
+/// connect timeout, so an implementation needs no timeout of its own.
+///
+/// ```
+/// use backedpipe::{BoxIo, Connector};
+///
+/// struct Loopback;
+///
+/// impl Connector for Loopback {
+///     async fn connect(&self) -> std::io::Result<BoxIo> {
+///         let (ours, _theirs) = tokio::io::duplex(1024);
+///         Ok(Box::new(ours))
+///     }
+/// }
+/// ```
+pub trait Connector: Send + Sync + 'static {
+    /// Opens one transport.
+    fn connect(&self) -> impl Future<Output = io::Result<BoxIo>> + Send;
+}
+
+/// Dials a TCP address, with `TCP_NODELAY` set (the session protocol writes whole frames and
+/// acknowledges promptly; Nagle would only delay it).
+///
+/// ```no_run
+/// # async fn run() -> std::io::Result<()> {
+/// use backedpipe::{Connector, TcpConnector};
+///
+/// let transport = TcpConnector::new("127.0.0.1:7400".parse().unwrap()).connect().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct TcpConnector {
+    addr: SocketAddr,
+}
+
+impl TcpConnector {
+    /// A connector for `addr`.
+    pub fn new(addr: SocketAddr) -> Self {
+        TcpConnector { addr }
+    }
+}
+
+impl Connector for TcpConnector {
+    async fn connect(&self) -> io::Result<BoxIo> {
+        let stream = tokio::net::TcpStream::connect(self.addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(Box::new(stream))
+    }
+}
+
+/// Dials a Unix-domain socket.
+#[cfg(unix)]
+#[derive(Debug, Clone)]
+pub struct UnixConnector {
+    path: PathBuf,
+}
+
+#[cfg(unix)]
+impl UnixConnector {
+    /// A connector for the socket at `path`.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        UnixConnector { path: path.into() }
+    }
+}
+
+#[cfg(unix)]
+impl Connector for UnixConnector {
+    async fn connect(&self) -> io::Result<BoxIo> {
+        Ok(Box::new(tokio::net::UnixStream::connect(&self.path).await?))
+    }
+}
+
+/// A [`Connector`] made from a closure; see [`connector_fn`].
+#[derive(Debug, Clone)]
+pub struct FnConnector<F>(F);
+
+/// Makes a [`Connector`] from a closure returning a future of a transport.
+///
+/// ```
+/// use backedpipe::{connector_fn, BoxIo};
+///
+/// let connector = connector_fn(|| async {
+///     let (ours, _theirs) = tokio::io::duplex(1024);
+///     Ok::<BoxIo, std::io::Error>(Box::new(ours))
+/// });
+/// # let _ = connector;
+/// ```
+pub fn connector_fn<F, Fut>(f: F) -> FnConnector<F>
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = io::Result<BoxIo>> + Send,
+{
+    FnConnector(f)
+}
+
+impl<F, Fut> Connector for FnConnector<F>
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = io::Result<BoxIo>> + Send,
+{
+    fn connect(&self) -> impl Future<Output = io::Result<BoxIo>> + Send {
+        (self.0)()
+    }
+}
