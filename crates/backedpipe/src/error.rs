@@ -6,6 +6,9 @@
 
 use std::io;
 use std::sync::Arc;
+use std::time::Duration;
+
+use crate::proto::{CloseCode, SessionId};
 
 /// A boxed error from a [`Reconnector`](crate::Reconnector) or another user-supplied component.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -116,6 +119,53 @@ pub enum Error {
     /// Create it from within a runtime.
     #[error("backedpipe needs a tokio runtime")]
     NoRuntime,
+
+    /// Writing after [`shutdown`](tokio::io::AsyncWriteExt::shutdown): the stream was ended
+    /// for writing (session mode sent FIN). Reading still works.
+    #[error("stream was shut down for writing")]
+    WriteAfterShutdown,
+
+    /// Session mode: the server does not know the session (it restarted, or the session was
+    /// closed). The session cannot continue; start a new one.
+    #[error("server does not know session {0}")]
+    SessionUnknown(SessionId),
+
+    /// Session mode: the server forgot the session after it stayed disconnected longer than the
+    /// server's time to live. Start a new session.
+    #[error("session {0} expired on the server")]
+    SessionExpired(SessionId),
+
+    /// Session mode: a resume was refused because a side could not prove knowledge of the
+    /// session secret (a wrong secret, a replayed handshake, or a server that is not the one the
+    /// session was made with). The session cannot continue.
+    #[error("session authentication failed: {0}")]
+    AuthenticationFailed(&'static str),
+
+    /// Session mode: the peer closed the session with CLOSE (see
+    /// [`CloseCode`](crate::proto::CloseCode) for what each code means). Not a transport loss:
+    /// the pipe does not reconnect.
+    #[error("session closed by peer: {code}: {reason:?}")]
+    ClosedByPeer {
+        /// The peer's close code.
+        code: CloseCode,
+        /// The peer's reason, as sent.
+        reason: String,
+    },
+
+    /// Session mode: the peer broke the protocol (bytes that are not a valid frame, a frame out
+    /// of place, an acknowledgement of bytes never sent). The session is closed with the matching
+    /// close code; the peer is broken or hostile.
+    #[error("peer violated the session protocol: {0}")]
+    Protocol(String),
+
+    /// Session mode: the transport failed while a connection was being set up (refused,
+    /// reset, closed mid-handshake). A client retries; a server drops that connection.
+    #[error("transport failed")]
+    Io(#[source] Arc<io::Error>),
+
+    /// Session mode: the handshake did not finish within the configured time.
+    #[error("handshake timed out after {0:?}")]
+    HandshakeTimeout(Duration),
 }
 
 impl Error {
@@ -124,19 +174,47 @@ impl Error {
         match self {
             Error::InvalidSequenceNumber { .. }
             | Error::FutureSequence { .. }
-            | Error::ReplayDataUnavailable { .. } => true,
+            | Error::ReplayDataUnavailable { .. }
+            | Error::SessionUnknown(_)
+            | Error::SessionExpired(_)
+            | Error::AuthenticationFailed(_)
+            | Error::Protocol(_) => true,
+            Error::ClosedByPeer { code, .. } => !code.session_survives(),
             Error::ReconnectWriterFailed(inner) => inner.is_terminal(),
             _ => false,
         }
     }
 
+    /// Wraps a reconnector's error; one of ours passes through unchanged, so that a terminal
+    /// error (an unknown session, say) stays terminal.
     pub(crate) fn reconnect_failed(source: impl Into<BoxError>) -> Self {
-        Error::ReconnectFailed(Arc::from(source.into()))
+        match source.into().downcast::<Error>() {
+            Ok(err) => *err,
+            Err(other) => Error::ReconnectFailed(Arc::from(other)),
+        }
+    }
+
+    /// Wraps a transport error met while setting up a connection.
+    pub(crate) fn io(err: io::Error) -> Self {
+        Error::Io(Arc::new(err))
+    }
+
+    /// The crate error an `io::Error` carries, if it was made from one.
+    pub(crate) fn from_io(err: &io::Error) -> Option<&Error> {
+        err.get_ref().and_then(|e| e.downcast_ref::<Error>())
     }
 
     fn io_kind(&self) -> io::ErrorKind {
         match self {
-            Error::PipeClosed | Error::WriterClosed => io::ErrorKind::BrokenPipe,
+            Error::PipeClosed | Error::WriterClosed | Error::WriteAfterShutdown => {
+                io::ErrorKind::BrokenPipe
+            }
+            Error::SessionUnknown(_) | Error::SessionExpired(_) => io::ErrorKind::NotFound,
+            Error::AuthenticationFailed(_) => io::ErrorKind::PermissionDenied,
+            Error::ClosedByPeer { .. } => io::ErrorKind::ConnectionAborted,
+            Error::HandshakeTimeout(_) => io::ErrorKind::TimedOut,
+            Error::Io(err) => err.kind(),
+            Error::Protocol(_) => io::ErrorKind::InvalidData,
             Error::NotEnoughData { .. } | Error::InvalidCapacity => io::ErrorKind::InvalidInput,
             Error::InvalidSequenceNumber { .. }
             | Error::FutureSequence { .. }
@@ -191,6 +269,17 @@ mod tests {
             },
             Error::InvalidCapacity,
             Error::NoRuntime,
+            Error::WriteAfterShutdown,
+            Error::SessionUnknown(SessionId::from_bytes([1; 16])),
+            Error::SessionExpired(SessionId::from_bytes([2; 16])),
+            Error::AuthenticationFailed("wrong proof"),
+            Error::ClosedByPeer {
+                code: CloseCode::Normal,
+                reason: "bye".into(),
+            },
+            Error::Protocol("unknown frame type 0x7f".into()),
+            Error::HandshakeTimeout(Duration::from_secs(10)),
+            Error::Io(Arc::new(io::ErrorKind::ConnectionRefused.into())),
         ];
         for err in all {
             assert!(!err.to_string().is_empty());

@@ -62,6 +62,7 @@ pub use pipe::{BackedPipe, OwnedReadHalf, OwnedWriteHalf, PipeState};
 pub use reader::BackedReader;
 pub use reconnector::{reconnector_fn, Connection, FnReconnector, Reconnector};
 pub use ring::ReplayBuffer;
+pub use session::{Accepted, Session, SessionOptions, SessionServer};
 #[cfg(unix)]
 pub use transport::UnixConnector;
 pub use transport::{connector_fn, BoxIo, Connector, FnConnector, Io, TcpConnector};

@@ -9,7 +9,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, ReadHalf, WriteHalf};
@@ -21,10 +21,48 @@ use tracing::Instrument;
 use crate::backoff::{random_seed, Backoff};
 use crate::config::PipeConfig;
 use crate::error::{Error, Result};
+use crate::event::{Component, ErrorEvent, EventSender};
 use crate::reader::BackedReader;
 use crate::reconnector::{Connection, Reconnector};
 use crate::supervisor::{NoReconnector, Request, Supervisor};
-use crate::writer::BackedWriter;
+use crate::writer::{BackedWriter, Retention};
+
+/// Raw mode (the Go pipe) or session mode (frames, acknowledgements, end marker).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Raw,
+    Session,
+}
+
+/// What a session-mode transport needs from the pipe it carries. A transport holds it weakly:
+/// it must not keep a closed pipe alive.
+pub(crate) trait PipeHooks: Send + Sync + 'static {
+    /// The peer has delivered our stream up to `seq`: release it from the replay buffer.
+    fn acknowledge(&self, seq: u64) -> Result<()>;
+    /// The current transport failed (the path went dead, or the peer closed or misbehaved)
+    /// while nobody was reading or writing: the pipe reconnects, or fails if `err` is terminal.
+    fn transport_lost(&self, err: io::Error);
+    /// Whether the pipe was closed locally.
+    fn is_closed(&self) -> bool;
+}
+
+impl<C: Connection> PipeHooks for Shared<C> {
+    fn acknowledge(&self, seq: u64) -> Result<()> {
+        self.writer.acknowledge(seq)
+    }
+
+    fn transport_lost(&self, err: io::Error) {
+        let _ = self.events.send(ErrorEvent {
+            err,
+            component: Component::Transport,
+            generation: self.generation(),
+        });
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.is_cancelled()
+    }
+}
 
 /// Where a pipe stands, as seen by [`BackedPipe::state`] and [`BackedPipe::status`].
 #[derive(Debug, Clone)]
@@ -109,6 +147,19 @@ pub struct OwnedWriteHalf<C: Connection> {
     handle: Arc<Handle<C>>,
 }
 
+/// A [`BackedPipe`] reference that does not keep it open (a server's session table).
+#[derive(Debug)]
+pub(crate) struct WeakPipe<C: Connection> {
+    handle: Weak<Handle<C>>,
+}
+
+impl<C: Connection> WeakPipe<C> {
+    /// The pipe, unless every user handle is gone.
+    pub(crate) fn upgrade(&self) -> Option<BackedPipe<C>> {
+        self.handle.upgrade().map(|handle| BackedPipe { handle })
+    }
+}
+
 /// Closes the pipe when the last user handle goes away.
 #[derive(Debug)]
 struct Handle<C: Connection> {
@@ -129,6 +180,8 @@ pub(crate) struct Shared<C: Connection> {
     generation: AtomicU64,
     status: watch::Sender<PipeState>,
     requests: mpsc::UnboundedSender<Request<C>>,
+    /// Where transports report failures the reader and writer did not see (session mode).
+    events: EventSender,
     pub(crate) closed: CancellationToken,
     supervisor: Mutex<Option<JoinHandle<()>>>,
 }
@@ -152,7 +205,7 @@ impl<C: Connection> BackedPipe<C> {
         reconnector: R,
         config: PipeConfig,
     ) -> Result<Self> {
-        Self::build(Some(reconnector), config)
+        Self::build(Some(reconnector), config, Mode::Raw)
     }
 
     /// Creates a pipe with no reconnector, for the side that accepts connections: it is
@@ -163,22 +216,49 @@ impl<C: Connection> BackedPipe<C> {
     /// # Errors
     /// As for [`with_config`](Self::with_config).
     pub fn passive(config: PipeConfig) -> Result<Self> {
-        Self::build(None::<NoReconnector<C>>, config)
+        Self::build(None::<NoReconnector<C>>, config, Mode::Raw)
     }
 
-    fn build<R: Reconnector<Conn = C>>(reconnector: Option<R>, config: PipeConfig) -> Result<Self> {
+    /// A session-mode pipe (see [`Session`](crate::Session)): the writer keeps bytes until the
+    /// peer acknowledges them, shutdown sends the transport's end marker, and the transport's
+    /// end-of-stream ends reads. Passive without a reconnector.
+    pub(crate) fn session_mode<R: Reconnector<Conn = C>>(
+        reconnector: Option<R>,
+        config: PipeConfig,
+    ) -> Result<Self> {
+        Self::build(reconnector, config, Mode::Session)
+    }
+
+    fn build<R: Reconnector<Conn = C>>(
+        reconnector: Option<R>,
+        config: PipeConfig,
+        mode: Mode,
+    ) -> Result<Self> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
         let (event_tx, event_rx) = mpsc::unbounded_channel();
         let (request_tx, request_rx) = mpsc::unbounded_channel();
+        let retention = match mode {
+            Mode::Raw => Retention::EvictOldest,
+            Mode::Session => Retention::UntilAcked,
+        };
         let shared = Arc::new(Shared {
-            writer: BackedWriter::new(config.buffer_capacity, event_tx.clone())?,
-            reader: BackedReader::new(event_tx),
+            writer: BackedWriter::with_retention(
+                config.buffer_capacity,
+                retention,
+                event_tx.clone(),
+            )?,
+            reader: BackedReader::new(event_tx.clone()),
             generation: AtomicU64::new(0),
             status: watch::Sender::new(PipeState::Disconnected),
             requests: request_tx,
+            events: event_tx,
             closed: CancellationToken::new(),
             supervisor: Mutex::new(None),
         });
+        if mode == Mode::Session {
+            shared.writer.set_end_marker();
+            shared.reader.set_eof_is_end();
+        }
         let backoff = Backoff::new(
             config.backoff_initial,
             config.backoff_max,
@@ -206,6 +286,40 @@ impl<C: Connection> BackedPipe<C> {
 
     fn shared(&self) -> &Shared<C> {
         &self.handle.shared
+    }
+
+    /// A passive session-mode pipe, for the server side.
+    pub(crate) fn passive_session(config: PipeConfig) -> Result<Self> {
+        Self::build(None::<NoReconnector<C>>, config, Mode::Session)
+    }
+
+    /// A handle that does not keep the pipe open.
+    pub(crate) fn downgrade(&self) -> WeakPipe<C> {
+        WeakPipe {
+            handle: Arc::downgrade(&self.handle),
+        }
+    }
+
+    /// Fails the pipe for good with `err` (a server expiring a session).
+    pub(crate) fn fail(&self, err: Error) {
+        self.shared().fail(err);
+    }
+
+    /// The writer's shutdown (FIN in session mode), for `&self` callers.
+    pub(crate) fn poll_shutdown_shared(&self, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        self.shared().writer.poll_shutdown(cx)
+    }
+
+    /// What a session-mode transport uses to reach its pipe (acknowledgements, losses).
+    pub(crate) fn hooks(&self) -> Weak<dyn PipeHooks> {
+        let shared: Arc<dyn PipeHooks> = self.handle.shared.clone();
+        Arc::downgrade(&shared)
+    }
+
+    /// Checks that the writer can resume a peer that has read `seq` bytes, without touching
+    /// anything.
+    pub(crate) fn check_replay_from(&self, seq: u64) -> Result<()> {
+        self.shared().writer.check_replay_from(seq)
     }
 
     /// Establishes the first connection through the reconnector (one call).
@@ -482,6 +596,10 @@ fn flush_poll<C: Connection>(shared: &Shared<C>, cx: &mut Context<'_>) -> Poll<i
     shared.writer.poll_flush(cx).map_err(io::Error::from)
 }
 
+fn shutdown_poll<C: Connection>(shared: &Shared<C>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    shared.writer.poll_shutdown(cx).map_err(io::Error::from)
+}
+
 /// Implements `AsyncRead` and `AsyncWrite` for a handle type by delegating to the shared pipe.
 macro_rules! impl_io {
     (read: $($ty:ident),*) => {$(
@@ -498,7 +616,8 @@ macro_rules! impl_io {
     (write: $($ty:ident),*) => {$(
         /// Writes complete once the bytes are committed to the stream (see
         /// [`BackedWriter::poll_write`]). Raw mode has no end-of-stream marker, so
-        /// `poll_shutdown` only flushes: the peer would take a transport shutdown for a drop.
+        /// `poll_shutdown` only flushes there (the peer would take a transport shutdown for a
+        /// drop); in session mode it sends FIN (see [`BackedWriter::poll_shutdown`]).
         impl<C: Connection> AsyncWrite for $ty<C> {
             fn poll_write(
                 self: Pin<&mut Self>,
@@ -513,7 +632,7 @@ macro_rules! impl_io {
             }
 
             fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-                flush_poll(&self.handle.shared, cx)
+                shutdown_poll(&self.handle.shared, cx)
             }
         }
     )*};

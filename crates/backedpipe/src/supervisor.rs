@@ -174,6 +174,11 @@ impl<R: Reconnector> Supervisor<R> {
             tracing::trace!(%event, current, "ignoring failure of an old connection");
             return;
         }
+        if let Some(err) = Error::from_io(&event.err).filter(|err| err.is_terminal()) {
+            // The peer closed the session or broke the protocol: no reconnect can help.
+            self.shared.fail(err.clone());
+            return;
+        }
         tracing::info!(%event, "connection lost");
         self.shared.reader.detach();
         self.shared.writer.detach();

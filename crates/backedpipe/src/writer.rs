@@ -78,6 +78,10 @@ struct WriterState<W> {
     generation: u64,
     /// Set once the writer is closed or has failed for good; what writes then return.
     closed: Option<Error>,
+    /// Session mode: shutdown ends the stream with the transport's own end marker (FIN).
+    end_marker: bool,
+    /// Shut down for writing: the end marker follows the data on every transport from now on.
+    shut_down: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,6 +138,8 @@ impl<W: AsyncWrite + Unpin> BackedWriter<W> {
                 sent_seq: 0,
                 generation: 0,
                 closed: None,
+                end_marker: false,
+                shut_down: false,
             }),
             waiters,
             fanout,
@@ -175,6 +181,11 @@ impl<W: AsyncWrite + Unpin> BackedWriter<W> {
         drop(st);
         self.waiters.wake_all();
         Ok(())
+    }
+
+    /// Checks that a peer that has read `seq` bytes can be resumed, touching nothing.
+    pub(crate) fn check_replay_from(&self, seq: u64) -> Result<()> {
+        self.lock().ring.check_replay_from(seq)
     }
 
     /// Bytes held for replay, and bytes of memory committed to hold them.
@@ -228,6 +239,46 @@ impl<W: AsyncWrite + Unpin> BackedWriter<W> {
                 Poll::Pending
             }
         }
+    }
+
+    /// Ends the stream for writing. In session mode the transport's shutdown sends the end
+    /// marker (FIN) after all data, and every later transport gets it again after its replay,
+    /// so the peer reads end-of-stream exactly once all bytes arrived. In raw mode there is no
+    /// end marker (a transport shutdown would look like a drop), so this only flushes. Waits while
+    /// disconnected.
+    ///
+    /// # Errors
+    /// The writer's close or failure error. Later writes fail with
+    /// [`Error::WriteAfterShutdown`] (session mode).
+    pub fn poll_shutdown(&self, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        let mut st = self.lock();
+        if let Some(err) = &st.closed {
+            return Poll::Ready(Err(err.clone()));
+        }
+        st.shut_down |= st.end_marker;
+        let mut tcx = self.waiters.context(cx, &self.fanout);
+        let end_marker = st.end_marker;
+        let (Link::Up, Some(transport)) = (st.link, st.transport.as_mut()) else {
+            return Poll::Pending;
+        };
+        let outcome = if end_marker {
+            ready!(Pin::new(transport).poll_shutdown(&mut tcx))
+        } else {
+            ready!(Pin::new(transport).poll_flush(&mut tcx))
+        };
+        match outcome {
+            Ok(()) => Poll::Ready(Ok(())),
+            Err(err) => {
+                self.transport_failed(&mut st, err);
+                Poll::Pending
+            }
+        }
+    }
+
+    /// Session mode: shutdown sends the transport's end marker (see
+    /// [`poll_shutdown`](Self::poll_shutdown)).
+    pub(crate) fn set_end_marker(&self) {
+        self.lock().end_marker = true;
     }
 
     /// Attaches `new_writer` and replays every byte from `replay_from` (the number of bytes the
@@ -303,6 +354,9 @@ impl<W: AsyncWrite + Unpin> BackedWriter<W> {
         if let Some(err) = &st.closed {
             return Poll::Ready(Err(err.clone()));
         }
+        if st.shut_down {
+            return Poll::Ready(Err(Error::WriteAfterShutdown));
+        }
         if buf.is_empty() {
             return Poll::Ready(Ok((0, st.ring.end_seq())));
         }
@@ -358,7 +412,14 @@ impl<W: AsyncWrite + Unpin> BackedWriter<W> {
             // Only `fail` (the pipe closing) takes a transport away mid-replay.
             return Poll::Ready(Err(st.closed.clone().unwrap_or(Error::WriterClosed)));
         }
-        let outcome = ready!(self.poll_drain(&mut st, cx));
+        let mut outcome = ready!(self.poll_drain(&mut st, cx));
+        if outcome.is_ok() && st.shut_down {
+            // The end marker follows the replayed data on the new transport too.
+            let mut tcx = self.waiters.context(cx, &self.fanout);
+            if let Some(transport) = st.transport.as_mut() {
+                outcome = ready!(Pin::new(transport).poll_shutdown(&mut tcx));
+            }
+        }
         let result = match outcome {
             Ok(()) if st.closed.is_some() => {
                 st.transport = None;

@@ -81,6 +81,16 @@ impl FrameDecoder {
         }
     }
 
+    /// The buffer [`push`](Self::push) appends to, for a driver that reads from its transport
+    /// straight into it (no intermediate copy). Only append to it; `None` once the decoder has
+    /// failed.
+    pub fn receive_buffer(&mut self) -> Option<&mut BytesMut> {
+        match self.state {
+            ReadState::Failed => None,
+            _ => Some(&mut self.buf),
+        }
+    }
+
     /// The next whole frame, `Ok(None)` if more bytes are needed, or the first decode error (which
     /// is then returned on every later call).
     pub fn next_frame(&mut self) -> Result<Option<Frame>, DecodeError> {

@@ -606,7 +606,17 @@ impl ResumeVerified {
 
     /// Accepts the resume: the established session and the RESUMED frame to send.
     pub fn accept(self) -> (Established, Frame) {
-        let s = self.state;
+        let server_reader_seq = self.state.server_reader_seq;
+        self.accept_at(server_reader_seq)
+    }
+
+    /// Accepts the resume with the server's reader offset taken now rather than at the lookup:
+    /// a server whose old connection still delivers bytes while the client proves itself detaches
+    /// that connection first and sends the offset of that instant (the client's proof does not
+    /// cover it, the server's does).
+    pub fn accept_at(self, server_reader_seq: u64) -> (Established, Frame) {
+        let mut s = self.state;
+        s.server_reader_seq = server_reader_seq;
         let mac = server_proof(
             &s.secret,
             &s.session_id,

@@ -1,13 +1,31 @@
-//! The sans-IO session core of session mode (DESIGN §4): when to acknowledge, when to probe an
-//! idle path, when to declare a silent one dead, and which acknowledgements are lies.
+//! Session mode (DESIGN §4): the framed protocol of `docs/PROTOCOL.md` run under a
+//! [`BackedPipe`](crate::BackedPipe), with acknowledgements, backpressure, heartbeats, graceful
+//! close and authenticated resume.
 //!
-//! It owns timing and counters only. The bytes of the stream live in the writer's replay
-//! buffer and the wire format in [`proto`](crate::proto); a driver feeds this core the frames it
-//! receives and the bytes the application consumes, sends what [`SessionCore::poll_transmit`]
-//! returns, sleeps until [`SessionCore::poll_timeout`], and acts on [`SessionCore::poll_event`].
+//! The sans-IO part decides timing and counters only: [`SessionCore`] is fed the frames
+//! received and the bytes the application consumes, says what to send
+//! ([`SessionCore::poll_transmit`]), when to wake ([`SessionCore::poll_timeout`]) and what to act
+//! on ([`SessionCore::poll_event`]). The bytes of the stream live in the writer's replay buffer
+//! and the wire format in [`proto`](crate::proto).
+//!
+//! The tokio part moves bytes and sleeps: each transport is a [`SessionConn`] with a driver
+//! task; the application holds a [`Session`](crate::Session), made by
+//! [`Session::connect`](crate::Session::connect) on the client and by
+//! [`SessionServer::accept`](crate::SessionServer::accept) on the server.
 
+mod client;
+mod conn;
 mod core;
+mod establish;
+mod link;
+mod options;
+mod server;
+mod stream;
 mod timer;
 
+pub use self::conn::SessionConn;
 pub use self::core::{Event, SessionConfig, SessionCore, SessionViolation, Transmit};
+pub use self::options::SessionOptions;
+pub use self::server::{Accepted, SessionServer};
+pub use self::stream::Session;
 pub use self::timer::{Timer, TimerTable};

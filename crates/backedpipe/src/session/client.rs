@@ -1,0 +1,75 @@
+//! The client side of session mode: a [`Reconnector`] that dials through a [`Connector`] and
+//! runs the new-session or resume handshake.
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use super::conn::SessionConn;
+use super::establish::{client_new, client_resume};
+use super::link::SessionLink;
+use super::options::SessionOptions;
+use crate::error::{BoxError, Error};
+use crate::proto::{Secret, SessionId};
+use crate::reconnector::Reconnector;
+use crate::transport::Connector;
+
+/// The session's credentials, learnt from the server's WELCOME.
+pub(crate) type Credentials = Arc<Mutex<Option<(SessionId, Secret)>>>;
+
+/// Dials and handshakes for a client session: the first call asks for a new session, every
+/// later one resumes it.
+pub(crate) struct SessionDialer<C> {
+    pub(crate) connector: C,
+    pub(crate) options: SessionOptions,
+    pub(crate) link: Arc<SessionLink>,
+    pub(crate) credentials: Credentials,
+}
+
+impl<C: Connector> Reconnector for SessionDialer<C> {
+    type Conn = SessionConn;
+
+    async fn reconnect(&self, reader_seq: u64) -> Result<(SessionConn, u64), BoxError> {
+        let credentials = self
+            .credentials
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let connect_timeout = self.options.connect_timeout;
+        let mut io = tokio::time::timeout(connect_timeout, self.connector.connect())
+            .await
+            .map_err(|_| Error::io(std::io::ErrorKind::TimedOut.into()))?
+            .map_err(Error::io)?;
+        let handshake = async {
+            match &credentials {
+                None => client_new(&mut io).await,
+                Some((id, secret)) => client_resume(&mut io, *id, secret.clone(), reader_seq).await,
+            }
+        };
+        let handshake_timeout = self.options.handshake_timeout;
+        let (established, decoder) = tokio::time::timeout(handshake_timeout, handshake)
+            .await
+            .map_err(|_| Error::HandshakeTimeout(handshake_timeout))??;
+        if credentials.is_none() {
+            *self
+                .credentials
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) =
+                Some((established.session_id(), established.secret().clone()));
+        }
+        tracing::debug!(
+            session = %established.session_id(),
+            resumed = established.is_resume(),
+            local = established.local_reader_seq(),
+            remote = established.remote_reader_seq(),
+            "session connection established"
+        );
+        let conn = SessionConn::start(
+            io,
+            decoder,
+            &established,
+            self.options.timing.clone(),
+            self.link.clone(),
+        );
+        self.link.set_current(conn.finished());
+        Ok((conn, established.remote_reader_seq()))
+    }
+}

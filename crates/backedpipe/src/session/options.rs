@@ -1,0 +1,85 @@
+//! Settings of a session, client or server side.
+
+use std::time::Duration;
+
+use super::core::SessionConfig;
+use crate::config::PipeConfig;
+
+/// Settings of a [`Session`](crate::Session) and a [`SessionServer`](crate::SessionServer).
+///
+/// | setting | default | why |
+/// |---|---|---|
+/// | [`pipe`](Self::pipe) | [`PipeConfig::default`] | the capacity bounds unacknowledged bytes (writes wait beyond it); backoff between resume attempts |
+/// | [`timing`](Self::timing) | [`SessionConfig::default`] | heartbeat every 5 s, dead after 11 s of silence, ack every 64 KiB or 20 ms |
+/// | [`connect_timeout`](Self::connect_timeout) | 3 s | a dial that hangs (a black-holed route) is abandoned and retried |
+/// | [`handshake_timeout`](Self::handshake_timeout) | 10 s | a client that connects and says nothing cannot hold a server task for long |
+/// | [`ttl`](Self::ttl) | 24 h | how long a server keeps a disconnected session for its client to resume |
+///
+/// ```
+/// use std::time::Duration;
+/// use backedpipe::{PipeConfig, SessionOptions};
+///
+/// let options = SessionOptions::default()
+///     .pipe(PipeConfig::default().buffer_capacity(1 << 20))
+///     .ttl(Duration::from_secs(600));
+/// assert_eq!(options.ttl_value(), Duration::from_secs(600));
+/// ```
+#[derive(Debug, Clone)]
+pub struct SessionOptions {
+    pub(crate) pipe: PipeConfig,
+    pub(crate) timing: SessionConfig,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) handshake_timeout: Duration,
+    pub(crate) ttl: Duration,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        SessionOptions {
+            pipe: PipeConfig::default(),
+            timing: SessionConfig::default(),
+            connect_timeout: Duration::from_secs(3),
+            handshake_timeout: Duration::from_secs(10),
+            ttl: Duration::from_secs(24 * 60 * 60),
+        }
+    }
+}
+
+impl SessionOptions {
+    /// The pipe's settings: buffer capacity (the most bytes unacknowledged at once), backoff,
+    /// retry budget.
+    pub fn pipe(mut self, pipe: PipeConfig) -> Self {
+        self.pipe = pipe;
+        self
+    }
+
+    /// Acknowledgement and heartbeat timing.
+    pub fn timing(mut self, timing: SessionConfig) -> Self {
+        self.timing = timing;
+        self
+    }
+
+    /// How long a client waits for its connector to produce a transport.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// How long either side waits for the handshake to finish.
+    pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.handshake_timeout = timeout;
+        self
+    }
+
+    /// How long a server keeps a disconnected session before forgetting it (its client then
+    /// gets [`Error::SessionExpired`](crate::Error::SessionExpired)).
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// The configured time to live of a disconnected session.
+    pub fn ttl_value(&self) -> Duration {
+        self.ttl
+    }
+}

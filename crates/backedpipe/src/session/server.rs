@@ -1,0 +1,276 @@
+//! The server side of session mode: runs handshakes on the transports it is given, creates
+//! sessions, attaches resumes to them, and forgets sessions that stay disconnected too long.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use tokio::sync::watch;
+
+use super::conn::SessionConn;
+use super::establish::{fail, read_frame, send_close, write_frame};
+use super::link::SessionLink;
+use super::options::SessionOptions;
+use super::stream::Session;
+use crate::error::{Error, Result};
+use crate::pipe::{PipeState, WeakPipe};
+use crate::proto::{
+    CloseCode, Frame, FrameDecoder, HelloOutcome, Secret, ServerHandshake, SessionId, SessionLookup,
+};
+use crate::transport::{BoxIo, Io};
+use crate::BackedPipe;
+
+/// How many expired session ids a server remembers, to tell their clients "expired" rather
+/// than "unknown".
+const EXPIRED_MEMORY: usize = 4096;
+
+/// What [`SessionServer::accept`] did with a transport.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Accepted {
+    /// A client started a new session: hand it to the application.
+    New(Session),
+    /// A client resumed this existing session; its [`Session`] carries on over the new
+    /// transport and the application has nothing to do.
+    Resumed(SessionId),
+}
+
+/// Accepts session-mode transports: new sessions go to the application, resumes to their
+/// session. Cheap to clone (one shared table).
+///
+/// Handshakes run in the caller's task, one per [`accept`](Self::accept) call, each bounded by
+/// the handshake timeout; spawn a task per transport so a slow client delays nobody else.
+/// A resume is checked completely (the client's proof, its offset) before the session's live
+/// transport is touched, so a forged or failed resume changes nothing.
+///
+/// See [`Session`] for an example.
+#[derive(Debug, Clone)]
+pub struct SessionServer {
+    inner: Arc<ServerInner>,
+}
+
+#[derive(Debug)]
+struct ServerInner {
+    options: SessionOptions,
+    table: Mutex<Table>,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    sessions: HashMap<SessionId, Entry>,
+    expired: HashSet<SessionId>,
+    expired_order: VecDeque<SessionId>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    secret: Secret,
+    pipe: WeakPipe<SessionConn>,
+    link: Arc<SessionLink>,
+}
+
+impl Table {
+    fn forget(&mut self, id: SessionId, expired: bool) {
+        self.sessions.remove(&id);
+        if expired && self.expired.insert(id) {
+            self.expired_order.push_back(id);
+            if self.expired_order.len() > EXPIRED_MEMORY {
+                if let Some(oldest) = self.expired_order.pop_front() {
+                    self.expired.remove(&oldest);
+                }
+            }
+        }
+    }
+}
+
+impl SessionServer {
+    /// A server with no sessions.
+    pub fn new(options: SessionOptions) -> Self {
+        SessionServer {
+            inner: Arc::new(ServerInner {
+                options,
+                table: Mutex::new(Table::default()),
+            }),
+        }
+    }
+
+    /// The number of sessions held (connected or waiting for their client).
+    pub fn session_count(&self) -> usize {
+        self.table().sessions.len()
+    }
+
+    /// Runs the server handshake on `io`, a transport a client just opened.
+    ///
+    /// # Errors
+    /// The handshake's failure, after the client was sent the matching CLOSE:
+    /// [`Error::SessionUnknown`], [`Error::SessionExpired`], [`Error::AuthenticationFailed`],
+    /// [`Error::ReplayDataUnavailable`] (the client is further behind than the session can
+    /// replay), [`Error::Protocol`], [`Error::HandshakeTimeout`], [`Error::Io`]. None of them
+    /// affects any session.
+    pub async fn accept(&self, io: impl Io) -> Result<Accepted> {
+        let timeout = self.inner.options.handshake_timeout;
+        let mut io: BoxIo = Box::new(io);
+        match tokio::time::timeout(timeout, self.handshake(&mut io)).await {
+            Ok(result) => result,
+            Err(_) => {
+                send_close(
+                    &mut io,
+                    Frame::close(CloseCode::ProtocolViolation, "handshake timed out"),
+                )
+                .await;
+                Err(Error::HandshakeTimeout(timeout))
+            }
+        }
+    }
+
+    async fn handshake(&self, io: &mut BoxIo) -> Result<Accepted> {
+        let mut decoder = FrameDecoder::new();
+        let hello = read_frame(io, &mut decoder).await?;
+        let mut lookup = |id: &SessionId| {
+            let table = self.table();
+            match table.sessions.get(id) {
+                Some(entry) => SessionLookup::Found {
+                    secret: entry.secret.clone(),
+                    // The offset is taken when the resume is accepted (`accept_at`).
+                    server_reader_seq: 0,
+                },
+                None if table.expired.contains(id) => SessionLookup::Expired,
+                None => SessionLookup::Unknown,
+            }
+        };
+        let outcome = match ServerHandshake::new().handle_frame(hello, &mut lookup) {
+            Ok(outcome) => outcome,
+            Err(failure) => return Err(fail(io, failure, None).await),
+        };
+        match outcome {
+            HelloOutcome::NewSession {
+                established,
+                welcome,
+            } => {
+                write_frame(io, &welcome).await?;
+                let id = established.session_id();
+                let link = Arc::new(SessionLink::default());
+                let pipe = BackedPipe::passive_session(self.inner.options.pipe.clone())?;
+                link.attach_pipe(pipe.hooks());
+                let io = std::mem::replace(io, Box::new(tokio::io::empty()));
+                let conn = SessionConn::start(
+                    io,
+                    decoder,
+                    &established,
+                    self.inner.options.timing.clone(),
+                    link.clone(),
+                );
+                link.set_current(conn.finished());
+                pipe.accept_reconnection(0, conn).await?;
+                self.table().sessions.insert(
+                    id,
+                    Entry {
+                        secret: established.secret().clone(),
+                        pipe: pipe.downgrade(),
+                        link: link.clone(),
+                    },
+                );
+                tokio::spawn(watch_ttl(
+                    Arc::downgrade(&self.inner),
+                    id,
+                    pipe.status(),
+                    pipe.downgrade(),
+                ));
+                tracing::debug!(session = %id, "new session");
+                Ok(Accepted::New(Session::from_parts(pipe, link, id)))
+            }
+            HelloOutcome::Challenge { next, challenge } => {
+                write_frame(io, &challenge).await?;
+                let proof = read_frame(io, &mut decoder).await?;
+                let verified = match next.handle_frame(proof) {
+                    Ok(verified) => verified,
+                    Err(failure) => return Err(fail(io, failure, None).await),
+                };
+                let id = verified.session_id();
+                let found = {
+                    let table = self.table();
+                    table
+                        .sessions
+                        .get(&id)
+                        .and_then(|entry| Some((entry.pipe.upgrade()?, entry.link.clone())))
+                };
+                let Some((pipe, link)) = found else {
+                    // Expired or closed while the client was proving itself.
+                    let close = verified.refuse(CloseCode::UnknownSession, "unknown session");
+                    send_close(io, close).await;
+                    return Err(Error::SessionUnknown(id));
+                };
+                if let Err(err) = pipe.check_replay_from(verified.client_reader_seq()) {
+                    let close = verified.refuse(CloseCode::ReplayUnavailable, err.to_string());
+                    send_close(io, close).await;
+                    return Err(err);
+                }
+                // Only now is the live transport dropped, and the offset taken at that instant.
+                let server_reader_seq = pipe.detach().await?;
+                let (established, resumed) = verified.accept_at(server_reader_seq);
+                write_frame(io, &resumed).await?;
+                let io = std::mem::replace(io, Box::new(tokio::io::empty()));
+                let conn = SessionConn::start(
+                    io,
+                    decoder,
+                    &established,
+                    self.inner.options.timing.clone(),
+                    link.clone(),
+                );
+                link.set_current(conn.finished());
+                pipe.accept_reconnection(established.remote_reader_seq(), conn)
+                    .await?;
+                tracing::debug!(session = %id, "session resumed");
+                Ok(Accepted::Resumed(id))
+            }
+        }
+    }
+
+    fn table(&self) -> MutexGuard<'_, Table> {
+        self.inner
+            .table
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Forgets the session when it ends, and expires it once it has stayed disconnected for the
+/// time to live.
+async fn watch_ttl(
+    server: std::sync::Weak<ServerInner>,
+    id: SessionId,
+    mut status: watch::Receiver<PipeState>,
+    pipe: WeakPipe<SessionConn>,
+) {
+    let Some(ttl) = server.upgrade().map(|inner| inner.options.ttl) else {
+        return;
+    };
+    let expired = loop {
+        let state = status.borrow_and_update().clone();
+        match state {
+            PipeState::Closed | PipeState::Failed(_) => break false,
+            PipeState::Connected | PipeState::Reconnecting => {
+                if status.changed().await.is_err() {
+                    break false;
+                }
+            }
+            _ => match tokio::time::timeout(ttl, status.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => break false,
+                Err(_) => break true,
+            },
+        }
+    };
+    if let Some(inner) = server.upgrade() {
+        inner
+            .table
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .forget(id, expired);
+    }
+    if expired {
+        tracing::info!(session = %id, ?ttl, "session expired");
+        if let Some(pipe) = pipe.upgrade() {
+            pipe.fail(Error::SessionExpired(id));
+        }
+    }
+}
