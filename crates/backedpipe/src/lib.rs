@@ -50,6 +50,7 @@ mod reconnector;
 mod ring;
 pub mod session;
 mod supervisor;
+mod tls;
 mod transport;
 mod wake;
 mod writer;
@@ -62,6 +63,7 @@ pub use pipe::{BackedPipe, OwnedReadHalf, OwnedWriteHalf, PipeState};
 pub use reader::BackedReader;
 pub use reconnector::{reconnector_fn, Connection, FnReconnector, Reconnector};
 pub use ring::ReplayBuffer;
+pub use tls::{TlsAcceptor, TlsConnector, TlsError};
 #[cfg(unix)]
 pub use transport::UnixConnector;
 pub use transport::{connector_fn, BoxIo, Connector, FnConnector, Io, TcpConnector};
