@@ -277,10 +277,6 @@ fn unused_connector() -> TcpConnector {
     tcp("127.0.0.1:9".parse().unwrap())
 }
 
-fn assert_path(actual: &Path, expected: &Path) {
-    assert_eq!(actual, expected);
-}
-
 #[test]
 fn a_missing_ca_file_gives_a_read_error_naming_it() {
     let dir = TempDir::new().unwrap();
@@ -288,7 +284,7 @@ fn a_missing_ca_file_gives_a_read_error_naming_it() {
     let err = TlsConnector::with_ca_file(unused_connector(), AGENT_NAME, &missing).unwrap_err();
     match &err {
         TlsError::Read { path, source } => {
-            assert_path(path, &missing);
+            assert_eq!(path, &missing);
             assert_eq!(source.kind(), io::ErrorKind::NotFound);
         }
         other => panic!("expected a read error, got {other:?}"),
