@@ -50,6 +50,7 @@ mod reconnector;
 mod ring;
 pub mod session;
 mod supervisor;
+mod tls;
 mod transport;
 mod wake;
 mod writer;
@@ -63,6 +64,7 @@ pub use reader::BackedReader;
 pub use reconnector::{reconnector_fn, Connection, FnReconnector, Reconnector};
 pub use ring::ReplayBuffer;
 pub use session::{Accepted, Session, SessionOptions, SessionServer};
+pub use tls::{TlsAcceptor, TlsConnector, TlsError};
 #[cfg(unix)]
 pub use transport::UnixConnector;
 pub use transport::{connector_fn, BoxIo, Connector, FnConnector, Io, TcpConnector};
