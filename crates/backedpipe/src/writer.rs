@@ -301,6 +301,12 @@ impl<W: AsyncWrite + Unpin> BackedWriter<W> {
                 return Err(Error::WriterClosed);
             }
             st.ring.check_replay_from(replay_from)?;
+            if st.retention == Retention::UntilAcked {
+                // The peer has every byte before `replay_from`: that is an acknowledgement,
+                // and may be the only one those bytes ever get (the peer acked before
+                // the handshake, on its side of the reconnect).
+                st.ring.trim_to(replay_from);
+            }
             st.transport = Some(new_writer);
             st.link = Link::Replaying;
             st.sent_seq = replay_from;

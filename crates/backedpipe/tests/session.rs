@@ -1,0 +1,761 @@
+//! Session mode end to end: a client and a server over in-memory links that the test cuts,
+//! holds (a black hole) and replaces, on paused time. Every test is named for the behaviour it
+//! checks.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use backedpipe::proto::{CloseCode, Frame, FrameDecoder, Mac, SessionId, HEADER_LEN};
+use backedpipe::session::SessionConfig;
+use backedpipe::{
+    connector_fn, Accepted, BoxIo, Error, PipeConfig, PipeState, Session, SessionOptions,
+    SessionServer,
+};
+use common::{guarded, HOUR};
+use tokio::io::{split, AsyncReadExt, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
+use tokio::sync::{mpsc, watch};
+
+/// What the test does to a link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LinkState {
+    Open,
+    /// Nothing passes, nothing closes: a black hole.
+    Held,
+    /// Both ends see the connection end.
+    Cut,
+}
+
+/// A client and whichever server its connector reaches, over links the test controls.
+struct Harness {
+    /// The server new connections reach (replaced to simulate a restart).
+    server: Arc<Mutex<SessionServer>>,
+    links: Arc<Mutex<Vec<watch::Sender<LinkState>>>>,
+    /// Every byte each link carried from the client to the server (a wiretap).
+    taps: Arc<Mutex<Vec<Tap>>>,
+    refuse: Arc<AtomicBool>,
+    accepted: mpsc::UnboundedReceiver<Session>,
+    accepted_tx: mpsc::UnboundedSender<Session>,
+    options: SessionOptions,
+}
+
+impl Harness {
+    fn new(options: SessionOptions) -> Harness {
+        let (accepted_tx, accepted) = mpsc::unbounded_channel();
+        Harness {
+            server: Arc::new(Mutex::new(SessionServer::new(options.clone()))),
+            links: Arc::default(),
+            taps: Arc::default(),
+            refuse: Arc::default(),
+            accepted,
+            accepted_tx,
+            options,
+        }
+    }
+
+    /// Opens a session and returns both ends of it.
+    async fn connect(&mut self) -> (Session, Session) {
+        let server = self.server.clone();
+        let links = self.links.clone();
+        let taps = self.taps.clone();
+        let refuse = self.refuse.clone();
+        let accepted = self.accepted_tx.clone();
+        let connector = connector_fn(move || {
+            let server = server.lock().unwrap().clone();
+            let (state_tx, state_rx) = watch::channel(LinkState::Open);
+            links.lock().unwrap().push(state_tx);
+            let tap = Tap::default();
+            taps.lock().unwrap().push(tap.clone());
+            let refused = refuse.load(Ordering::SeqCst);
+            let accepted = accepted.clone();
+            async move {
+                if refused {
+                    return Err(std::io::ErrorKind::ConnectionRefused.into());
+                }
+                let (client_io, server_io) = relay(state_rx, tap);
+                tokio::spawn(async move {
+                    match server.accept(server_io).await {
+                        Ok(Accepted::New(session)) => drop(accepted.send(session)),
+                        // Resumes attach by themselves; refusals are the client's to see.
+                        Ok(_) | Err(_) => {}
+                    }
+                });
+                Ok::<BoxIo, std::io::Error>(Box::new(client_io))
+            }
+        });
+        let client = Session::connect(connector, self.options.clone())
+            .await
+            .expect("client connects");
+        let server = self.accepted.recv().await.expect("server side accepted");
+        (client, server)
+    }
+
+    /// Puts every link made so far in `state`.
+    fn set_links(&self, state: LinkState) {
+        for link in self.links.lock().unwrap().iter() {
+            let _ = link.send(state);
+        }
+    }
+}
+
+/// The bytes one link carried from client to server.
+type Tap = Arc<Mutex<Vec<u8>>>;
+
+/// Two in-memory pipes joined by relay tasks that obey `state`; `tap` records what the client
+/// sends.
+fn relay(state: watch::Receiver<LinkState>, tap: Tap) -> (DuplexStream, DuplexStream) {
+    let (client, a) = tokio::io::duplex(64 * 1024);
+    let (b, server) = tokio::io::duplex(64 * 1024);
+    let (a_read, a_write) = split(a);
+    let (b_read, b_write) = split(b);
+    tokio::spawn(pump(a_read, b_write, state.clone(), Some(tap)));
+    tokio::spawn(pump(b_read, a_write, state, None));
+    (client, server)
+}
+
+async fn pump(
+    mut from: ReadHalf<DuplexStream>,
+    mut to: WriteHalf<DuplexStream>,
+    mut state: watch::Receiver<LinkState>,
+    tap: Option<Tap>,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = tokio::select! {
+            read = from.read(&mut buf) => match read {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            },
+            _ = state.wait_for(|s| *s == LinkState::Cut) => return,
+        };
+        match state.wait_for(|s| *s != LinkState::Held).await {
+            Ok(s) if *s == LinkState::Open => {}
+            _ => return,
+        }
+        if let Some(tap) = &tap {
+            tap.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+        tokio::select! {
+            written = to.write_all(&buf[..n]) => if written.is_err() { return },
+            _ = state.wait_for(|s| *s == LinkState::Cut) => return,
+        }
+    }
+}
+
+/// The byte at `offset` of a test stream: position-dependent, so loss, duplication and
+/// reordering all show.
+fn pattern(offset: u64, salt: u8) -> u8 {
+    (offset ^ (offset >> 8) ^ (offset >> 16)) as u8 ^ salt
+}
+
+async fn send_pattern(session: &Session, total: u64, salt: u8) {
+    let mut offset = 0u64;
+    let mut chunk = Vec::new();
+    while offset < total {
+        let len = (total - offset).min(7919 + (offset % 5000)) as usize;
+        chunk.clear();
+        chunk.extend((0..len as u64).map(|i| pattern(offset + i, salt)));
+        session.write(&chunk).await.expect("write");
+        offset += len as u64;
+    }
+}
+
+/// Reads until end-of-stream, checking every byte; returns how many arrived. `on_progress`
+/// is told the running total after every read.
+async fn expect_pattern_then_end(
+    session: &Session,
+    salt: u8,
+    mut on_progress: impl FnMut(u64),
+) -> u64 {
+    let mut buf = vec![0u8; 32 * 1024];
+    let mut offset = 0u64;
+    loop {
+        let n = session.read(&mut buf).await.expect("read");
+        if n == 0 {
+            return offset;
+        }
+        for (i, byte) in buf[..n].iter().enumerate() {
+            assert_eq!(
+                *byte,
+                pattern(offset + i as u64, salt),
+                "byte {}",
+                offset + i as u64
+            );
+        }
+        offset += n as u64;
+        on_progress(offset);
+    }
+}
+
+fn small_options() -> SessionOptions {
+    SessionOptions::default()
+        .pipe(
+            PipeConfig::default()
+                .buffer_capacity(256 * 1024)
+                .backoff(Duration::from_millis(10), Duration::from_millis(100))
+                .backoff_seed(7),
+        )
+        .ttl(HOUR)
+}
+
+#[tokio::test(start_paused = true)]
+async fn bytes_cross_repeated_cuts_exactly_once_in_both_directions() {
+    guarded(async {
+        let mut harness = Harness::new(small_options());
+        let (client, server) = harness.connect().await;
+        const TOTAL: u64 = 3 * 1024 * 1024;
+        const CUT_EVERY: u64 = 300 * 1024;
+        let (client, server) = (Arc::new(client), Arc::new(server));
+        let links = harness.links.clone();
+        let cuts = Arc::new(AtomicU64::new(0));
+        // The client's reader cuts every link whenever it has read another 300 KiB.
+        let mut next_cut = CUT_EVERY;
+        let cut_on_progress = {
+            let cuts = cuts.clone();
+            move |read: u64| {
+                if read >= next_cut {
+                    next_cut += CUT_EVERY;
+                    cuts.fetch_add(1, Ordering::SeqCst);
+                    for link in links.lock().unwrap().iter() {
+                        let _ = link.send(LinkState::Cut);
+                    }
+                }
+            }
+        };
+        let tasks = [
+            tokio::spawn({
+                let c = client.clone();
+                async move {
+                    send_pattern(&c, TOTAL, 1).await;
+                    c.shutdown().await.unwrap();
+                    TOTAL
+                }
+            }),
+            tokio::spawn({
+                let s = server.clone();
+                async move { expect_pattern_then_end(&s, 1, |_| {}).await }
+            }),
+            tokio::spawn({
+                let s = server.clone();
+                async move {
+                    send_pattern(&s, TOTAL, 2).await;
+                    s.shutdown().await.unwrap();
+                    TOTAL
+                }
+            }),
+            tokio::spawn({
+                let c = client.clone();
+                async move { expect_pattern_then_end(&c, 2, cut_on_progress).await }
+            }),
+        ];
+        for task in tasks {
+            assert_eq!(task.await.unwrap(), TOTAL);
+        }
+        let cuts = cuts.load(Ordering::SeqCst);
+        assert!(cuts >= 5, "only {cuts} cuts happened");
+        assert!(
+            client.pipe().generation() > 5,
+            "the client resumed after each cut"
+        );
+        // Everything read is acknowledged within the ack delay (virtual time: deterministic),
+        // and the writers then hold nothing.
+        tokio::time::sleep(SessionConfig::default().ack_delay * 2).await;
+        assert_eq!(client.pipe().buffered().0, 0);
+        assert_eq!(server.pipe().buffered().0, 0);
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_black_holed_path_is_detected_by_heartbeats_and_the_session_resumes() {
+    guarded(async {
+        let mut harness = Harness::new(small_options());
+        let (client, server) = harness.connect().await;
+        let generation = client.pipe().generation();
+        let held_at = tokio::time::Instant::now();
+        harness.set_links(LinkState::Held);
+        // Watch the generation in 100 ms steps of virtual time (state changes can be too quick
+        // for a watch receiver to see each one).
+        while client.pipe().generation() == generation {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert!(
+                held_at.elapsed() < Duration::from_secs(60),
+                "never noticed, state {:?}",
+                client.state()
+            );
+        }
+        let detected = held_at.elapsed();
+        let timing = SessionConfig::default();
+        assert!(
+            detected >= timing.dead_after && detected <= timing.dead_after + Duration::from_secs(1),
+            "dead path noticed after {detected:?}"
+        );
+        let mut status = client.status();
+        status
+            .wait_for(|s| matches!(s, PipeState::Connected))
+            .await
+            .unwrap();
+        assert!(client.pipe().generation() > generation);
+        client.write(b"after the hole").await.unwrap();
+        let mut buf = [0u8; 14];
+        let mut got = 0;
+        while got < buf.len() {
+            got += server.read(&mut buf[got..]).await.unwrap();
+        }
+        assert_eq!(&buf, b"after the hole");
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_session_stays_up_on_heartbeats_alone() {
+    guarded(async {
+        let mut harness = Harness::new(small_options());
+        let (client, _server) = harness.connect().await;
+        let generation = client.pipe().generation();
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert!(client.connected());
+        assert_eq!(
+            client.pipe().generation(),
+            generation,
+            "no reconnect while idle"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_sends_fin_after_the_data_and_the_other_direction_goes_on() {
+    guarded(async {
+        let mut harness = Harness::new(small_options());
+        let (client, server) = harness.connect().await;
+        client.write(b"last words").await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 64];
+        loop {
+            let n = server.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got, b"last words");
+        assert_eq!(
+            server.read(&mut buf).await.unwrap(),
+            0,
+            "end-of-stream stays"
+        );
+        // Half-close: the server still talks to the client.
+        server.write(b"reply").await.unwrap();
+        let mut reply = [0u8; 5];
+        let mut n = 0;
+        while n < 5 {
+            n += client.read(&mut reply[n..]).await.unwrap();
+        }
+        assert_eq!(&reply, b"reply");
+        assert!(matches!(
+            client.write(b"more").await,
+            Err(Error::WriteAfterShutdown)
+        ));
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn fin_is_sent_again_after_a_reconnect_and_read_once() {
+    guarded(async {
+        let mut harness = Harness::new(small_options());
+        let (client, server) = harness.connect().await;
+        // The link is held, so the data and FIN never reach the server on this connection.
+        harness.set_links(LinkState::Held);
+        client.write(b"0123456789").await.unwrap();
+        let shutdown = tokio::spawn(async move {
+            client.shutdown().await.unwrap();
+            client
+        });
+        harness.set_links(LinkState::Cut);
+        let mut got = Vec::new();
+        let mut buf = [0u8; 64];
+        loop {
+            let n = server.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got, b"0123456789");
+        let client = shutdown.await.unwrap();
+        assert!(client.pipe().generation() >= 2, "the data came by replay");
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_drop_is_never_end_of_stream() {
+    guarded(async {
+        let mut harness = Harness::new(small_options());
+        let (client, server) = harness.connect().await;
+        let reader = tokio::spawn(async move {
+            let mut buf = [0u8; 3];
+            let n = server.read(&mut buf).await.unwrap();
+            (n, buf, server)
+        });
+        harness.set_links(LinkState::Cut);
+        client.write(b"abc").await.unwrap();
+        let (n, buf, _server) = reader.await.unwrap();
+        assert!(n > 0, "a cut link must not read as end-of-stream");
+        assert_eq!(&buf[..n], &b"abc"[..n]);
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn close_is_never_a_drop_the_peer_gets_closed_by_peer_and_the_server_forgets() {
+    guarded(async {
+        let mut harness = Harness::new(small_options());
+        let (client, server) = harness.connect().await;
+        let table = harness.server.lock().unwrap().clone();
+        assert_eq!(table.session_count(), 1);
+        client.close().await.unwrap();
+        let mut buf = [0u8; 8];
+        match server.read(&mut buf).await {
+            Err(Error::ClosedByPeer { code, .. }) => assert_eq!(code, CloseCode::Normal),
+            other => panic!("expected ClosedByPeer, got {other:?}"),
+        }
+        let mut status = server.status();
+        status.wait_for(PipeState::is_final).await.unwrap();
+        drop(server);
+        // The table entry goes once the session has ended.
+        while table.session_count() != 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_peer_that_stops_reading_blocks_the_writer_at_the_capacity() {
+    guarded(async {
+        const CAPACITY: usize = 64 * 1024;
+        let options = small_options().pipe(
+            PipeConfig::default()
+                .buffer_capacity(CAPACITY)
+                .backoff_seed(1),
+        );
+        let mut harness = Harness::new(options);
+        let (client, server) = harness.connect().await;
+        let client = Arc::new(client);
+        let data = vec![7u8; 4 * 1024 * 1024];
+        let writer = tokio::spawn({
+            let client = client.clone();
+            async move { client.write(&data).await }
+        });
+        // Paused time only advances when every task is idle: if the write could make progress
+        // it would have, so this timeout proves it is blocked.
+        let blocked = tokio::time::timeout(HOUR, async {
+            while !writer.is_finished() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        assert!(
+            blocked.is_err(),
+            "the writer finished without the peer reading"
+        );
+        let (held, committed) = client.pipe().buffered();
+        assert!(held <= CAPACITY, "{held} bytes unacknowledged");
+        assert!(committed <= CAPACITY, "{committed} bytes of replay memory");
+        // Reading releases it.
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut total = 0;
+        while total < 4 * 1024 * 1024 {
+            total += server.read(&mut buf).await.unwrap();
+        }
+        assert_eq!(writer.await.unwrap().unwrap(), 4 * 1024 * 1024);
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restarted_server_answers_session_unknown_and_the_client_stops() {
+    guarded(async {
+        let mut harness = Harness::new(small_options());
+        let (client, _server) = harness.connect().await;
+        *harness.server.lock().unwrap() = SessionServer::new(small_options());
+        harness.set_links(LinkState::Cut);
+        let mut buf = [0u8; 1];
+        match client.read(&mut buf).await {
+            Err(Error::SessionUnknown(id)) => assert_eq!(id, client.id()),
+            other => panic!("expected SessionUnknown, got {other:?}"),
+        }
+        assert!(matches!(client.state(), PipeState::Failed(_)));
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_session_left_disconnected_past_its_ttl_expires() {
+    guarded(async {
+        let mut harness = Harness::new(small_options().ttl(Duration::from_secs(30)));
+        let (client, server) = harness.connect().await;
+        harness.refuse.store(true, Ordering::SeqCst);
+        harness.set_links(LinkState::Cut);
+        let mut buf = [0u8; 1];
+        match server.read(&mut buf).await {
+            Err(Error::SessionExpired(id)) => assert_eq!(id, server.id()),
+            other => panic!("expected SessionExpired on the server, got {other:?}"),
+        }
+        harness.refuse.store(false, Ordering::SeqCst);
+        match client.read(&mut buf).await {
+            Err(Error::SessionExpired(id)) => assert_eq!(id, client.id()),
+            other => panic!("expected SessionExpired on the client, got {other:?}"),
+        }
+    })
+    .await;
+}
+
+/// A hand-driven peer speaking frames, for hostile input.
+struct RawPeer {
+    io: DuplexStream,
+    decoder: FrameDecoder,
+}
+
+impl RawPeer {
+    /// Opens a transport to `server` and returns the peer and the accept's outcome.
+    fn open(server: &SessionServer) -> (RawPeer, tokio::task::JoinHandle<Result<Accepted, Error>>) {
+        let (ours, theirs) = tokio::io::duplex(4 * 1024 * 1024);
+        let server = server.clone();
+        let accept = tokio::spawn(async move { server.accept(theirs).await });
+        (
+            RawPeer {
+                io: ours,
+                decoder: FrameDecoder::new(),
+            },
+            accept,
+        )
+    }
+
+    async fn send(&mut self, frame: Frame) {
+        self.io.write_all(&frame.to_vec()).await.unwrap();
+    }
+
+    async fn recv(&mut self) -> Option<Frame> {
+        loop {
+            if let Some(frame) = self.decoder.next_frame().unwrap() {
+                return Some(frame);
+            }
+            let mut buf = [0u8; 4096];
+            let n = self.io.read(&mut buf).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            self.decoder.push(&buf[..n]);
+        }
+    }
+
+    /// Reads frames until a CLOSE and returns its code.
+    async fn close_code(&mut self) -> CloseCode {
+        loop {
+            match self.recv().await {
+                Some(Frame::Close(close)) => return close.code(),
+                Some(_) => {}
+                None => panic!("connection ended without CLOSE"),
+            }
+        }
+    }
+}
+
+/// A live session and its server, for checking that hostile input leaves it alone.
+async fn live_session() -> (Harness, Session, Session, SessionServer) {
+    let mut harness = Harness::new(small_options());
+    let (client, server) = harness.connect().await;
+    let table = harness.server.lock().unwrap().clone();
+    (harness, client, server, table)
+}
+
+async fn assert_undisturbed(client: &Session, server: &Session) {
+    let generation = client.pipe().generation();
+    client.write(b"still here").await.unwrap();
+    let mut buf = [0u8; 10];
+    let mut n = 0;
+    while n < 10 {
+        n += server.read(&mut buf[n..]).await.unwrap();
+    }
+    assert_eq!(&buf, b"still here");
+    assert_eq!(
+        client.pipe().generation(),
+        generation,
+        "no reconnect happened"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_resume_with_a_wrong_secret_is_refused_and_the_live_session_is_untouched() {
+    guarded(async {
+        let (_harness, client, server, table) = live_session().await;
+        let (mut peer, accept) = RawPeer::open(&table);
+        peer.send(Frame::hello_resume(client.id(), 0)).await;
+        assert!(matches!(peer.recv().await, Some(Frame::Challenge(_))));
+        peer.send(Frame::Proof(Mac::from_bytes([0x42; 32]))).await;
+        assert_eq!(peer.close_code().await, CloseCode::AuthenticationFailed);
+        assert!(matches!(
+            accept.await.unwrap(),
+            Err(Error::AuthenticationFailed(_))
+        ));
+        assert_undisturbed(&client, &server).await;
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_captured_resume_handshake_replayed_is_refused() {
+    guarded(async {
+        let (harness, client, server, table) = live_session().await;
+        // Force a genuine resume and capture its HELLO and PROOF off the wire.
+        harness.set_links(LinkState::Cut);
+        client.write(b"x").await.unwrap();
+        let mut x = [0u8; 1];
+        server.read(&mut x).await.unwrap();
+        let captured = harness.taps.lock().unwrap()[1].lock().unwrap().clone();
+        let mut decoder = FrameDecoder::new();
+        decoder.push(&captured);
+        let hello = decoder.next_frame().unwrap().expect("captured HELLO");
+        let proof = decoder.next_frame().unwrap().expect("captured PROOF");
+        assert!(matches!(proof, Frame::Proof(_)));
+        // An attacker replays them on a new connection: the server's fresh nonce defeats it.
+        let (mut peer, accept) = RawPeer::open(&table);
+        peer.send(hello).await;
+        assert!(matches!(peer.recv().await, Some(Frame::Challenge(_))));
+        peer.send(proof).await;
+        assert_eq!(peer.close_code().await, CloseCode::AuthenticationFailed);
+        assert!(matches!(
+            accept.await.unwrap(),
+            Err(Error::AuthenticationFailed(_))
+        ));
+        assert_undisturbed(&client, &server).await;
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_resume_of_an_unknown_session_gets_session_unknown() {
+    guarded(async {
+        let (_harness, client, server, table) = live_session().await;
+        let (mut peer, accept) = RawPeer::open(&table);
+        let stranger = SessionId::from_bytes([9; 16]);
+        peer.send(Frame::hello_resume(stranger, 0)).await;
+        assert_eq!(peer.close_code().await, CloseCode::UnknownSession);
+        match accept.await.unwrap() {
+            Err(Error::SessionUnknown(id)) => assert_eq!(id, stranger),
+            other => panic!("expected SessionUnknown, got {other:?}"),
+        }
+        assert_undisturbed(&client, &server).await;
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn garbage_instead_of_a_handshake_gets_protocol_violation() {
+    guarded(async {
+        let (_harness, client, server, table) = live_session().await;
+        let (mut peer, accept) = RawPeer::open(&table);
+        peer.io.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        assert_eq!(peer.close_code().await, CloseCode::ProtocolViolation);
+        assert!(matches!(accept.await.unwrap(), Err(Error::Protocol(_))));
+        assert_undisturbed(&client, &server).await;
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_handshake_that_never_finishes_times_out_without_stalling_others() {
+    guarded(async {
+        let (mut harness, client, server, table) = live_session().await;
+        let started = tokio::time::Instant::now();
+        let (_silent, accept) = RawPeer::open(&table);
+        // Another client connects while the silent one holds its handshake open.
+        let (other_client, other_server) = harness.connect().await;
+        assert_eq!(
+            started.elapsed(),
+            Duration::ZERO,
+            "nobody waited for the silent peer"
+        );
+        assert!(matches!(
+            accept.await.unwrap(),
+            Err(Error::HandshakeTimeout(_))
+        ));
+        assert_eq!(started.elapsed(), Duration::from_secs(10));
+        assert_undisturbed(&client, &server).await;
+        assert_undisturbed(&other_client, &other_server).await;
+    })
+    .await;
+}
+
+/// A session made by hand, so the test can send what a real client never would.
+async fn raw_session(table: &SessionServer) -> (RawPeer, Session) {
+    let (mut peer, accept) = RawPeer::open(table);
+    peer.send(Frame::hello_new()).await;
+    assert!(matches!(peer.recv().await, Some(Frame::Welcome { .. })));
+    let Ok(Accepted::New(session)) = accept.await.unwrap() else {
+        panic!("no session")
+    };
+    (peer, session)
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_oversized_frame_gets_frame_too_large_and_other_sessions_carry_on() {
+    guarded(async {
+        let (_harness, client, server, table) = live_session().await;
+        let (mut peer, hostile) = raw_session(&table).await;
+        let mut header = [0u8; HEADER_LEN];
+        header[0] = 0x01;
+        header[1..].copy_from_slice(&(2u32 << 20).to_be_bytes());
+        peer.io.write_all(&header).await.unwrap();
+        assert_eq!(peer.close_code().await, CloseCode::FrameTooLarge);
+        let mut buf = [0u8; 4];
+        assert!(matches!(
+            hostile.read(&mut buf).await,
+            Err(Error::Protocol(_))
+        ));
+        assert_undisturbed(&client, &server).await;
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_ack_of_bytes_never_sent_is_a_protocol_violation() {
+    guarded(async {
+        let (_harness, client, server, table) = live_session().await;
+        let (mut peer, hostile) = raw_session(&table).await;
+        peer.send(Frame::ack(1000)).await;
+        assert_eq!(peer.close_code().await, CloseCode::ProtocolViolation);
+        let mut buf = [0u8; 4];
+        assert!(matches!(
+            hostile.read(&mut buf).await,
+            Err(Error::Protocol(_))
+        ));
+        assert_undisturbed(&client, &server).await;
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn data_after_the_peers_fin_is_a_protocol_violation() {
+    guarded(async {
+        let (_harness, client, server, table) = live_session().await;
+        let (mut peer, hostile) = raw_session(&table).await;
+        peer.send(Frame::fin()).await;
+        peer.send(Frame::data(&b"late"[..])).await;
+        assert_eq!(peer.close_code().await, CloseCode::ProtocolViolation);
+        let mut buf = [0u8; 4];
+        assert!(matches!(
+            hostile.read(&mut buf).await,
+            Err(Error::Protocol(_))
+        ));
+        assert_undisturbed(&client, &server).await;
+    })
+    .await;
+}
