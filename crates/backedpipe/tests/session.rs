@@ -76,10 +76,9 @@ impl Harness {
                 }
                 let (client_io, server_io) = relay(state_rx, tap);
                 tokio::spawn(async move {
-                    match server.accept(server_io).await {
-                        Ok(Accepted::New(session)) => drop(accepted.send(session)),
-                        // Resumes attach by themselves; refusals are the client's to see.
-                        Ok(_) | Err(_) => {}
+                    // Resumes attach by themselves; refusals are the client's to see.
+                    if let Ok(Accepted::New(session)) = server.accept(server_io).await {
+                        let _ = accepted.send(session);
                     }
                 });
                 Ok::<BoxIo, std::io::Error>(Box::new(client_io))
