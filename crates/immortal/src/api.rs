@@ -1,0 +1,116 @@
+//! The agent's HTTP API, shared by the server and the client: paths, the upgrade protocol name,
+//! and the JSON bodies. `docs/API.md` documents it for people; this module is the contract in
+//! code, so both sides agree by construction.
+
+use serde::{Deserialize, Serialize};
+
+/// Where the management API lives.
+pub const STREAMS_PATH: &str = "/v1/streams";
+
+/// The value of the `Upgrade:` header that asks for a raw session-protocol stream on
+/// `/v1/streams/{id}/connect`. (`Upgrade: websocket` asks for the same stream carried in
+/// binary WebSocket messages.)
+pub const UPGRADE_PROTOCOL: &str = "immortal-session/1";
+
+/// The path of one stream.
+pub fn stream_path(id: &str) -> String {
+    format!("{STREAMS_PATH}/{id}")
+}
+
+/// The path a client upgrades to carry a stream.
+pub fn connect_path(id: &str) -> String {
+    format!("{STREAMS_PATH}/{id}/connect")
+}
+
+/// `POST /v1/streams`: asks the agent to dial a local TCP port and expose it as a stream.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CreateStream {
+    /// The TCP port on the agent's loopback interface to connect to.
+    pub port: u16,
+    /// A name for people; the agent picks one when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// One stream, as the API reports it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StreamInfo {
+    /// The stream's id: 32 hex digits, unguessable.
+    pub id: String,
+    /// A human-friendly name.
+    pub name: String,
+    /// The local TCP port the stream is connected to.
+    pub port: u16,
+    /// When the stream was created (RFC 3339, UTC).
+    pub created_at: String,
+    /// When a client last attached (RFC 3339), if ever.
+    pub last_connected_at: Option<String>,
+    /// When a client last went away (RFC 3339), if ever.
+    pub last_disconnected_at: Option<String>,
+    /// Whether a client is attached now.
+    pub connected: bool,
+    /// Bytes carried from the client to the local service.
+    pub bytes_to_service: u64,
+    /// Bytes carried from the local service to the client.
+    pub bytes_from_service: u64,
+}
+
+/// `GET /v1/streams`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StreamList {
+    /// Every stream, oldest first.
+    pub streams: Vec<StreamInfo>,
+}
+
+/// The body of every error response: `{"error": {"code": "...", "message": "..."}}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub error: ApiError,
+}
+
+/// An error the API reports.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ApiError {
+    /// A stable machine-readable code.
+    pub code: ErrorCode,
+    /// One sentence for a person.
+    pub message: String,
+}
+
+/// The stable error codes of the API, with the HTTP status each comes with.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// 401: the bearer token is missing or wrong.
+    Unauthorized,
+    /// 400: the request is malformed (bad JSON, bad port, missing upgrade header).
+    BadRequest,
+    /// 404: no stream with this id (never created, deleted, or expired).
+    StreamNotFound,
+    /// 409: the stream already has a session and this is not a valid resume of it.
+    Conflict,
+    /// 422: the agent could not connect to the requested local port.
+    DialFailed,
+    /// 503: the agent holds its maximum of streams and every one is connected.
+    TooManyStreams,
+    /// 500: anything else.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The HTTP status that goes with the code.
+    pub fn status(self) -> u16 {
+        match self {
+            ErrorCode::Unauthorized => 401,
+            ErrorCode::BadRequest => 400,
+            ErrorCode::StreamNotFound => 404,
+            ErrorCode::Conflict => 409,
+            ErrorCode::DialFailed => 422,
+            ErrorCode::TooManyStreams => 503,
+            ErrorCode::Internal => 500,
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! The agent's bearer token: where it lives, generating it, checking it.
