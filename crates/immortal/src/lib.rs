@@ -11,6 +11,7 @@
 #![warn(missing_docs, unreachable_pub, unused_qualifications)]
 
 pub mod api;
+pub mod chaos;
 pub mod cli;
 pub mod client;
 pub mod server;
