@@ -1,1 +1,0 @@
-//! The client: the management API over HTTP, and dialing a stream by HTTP upgrade.
