@@ -63,7 +63,7 @@ pub use pipe::{BackedPipe, OwnedReadHalf, OwnedWriteHalf, PipeState};
 pub use reader::BackedReader;
 pub use reconnector::{reconnector_fn, Connection, FnReconnector, Reconnector};
 pub use ring::ReplayBuffer;
-pub use session::{Accepted, Session, SessionOptions, SessionServer};
+pub use session::{Accepted, Session, SessionListener, SessionOptions, SessionServer};
 pub use tls::{TlsAcceptor, TlsConnector, TlsError};
 #[cfg(unix)]
 pub use transport::UnixConnector;

@@ -11,13 +11,15 @@
 //! The tokio part moves bytes and sleeps: each transport is a [`SessionConn`] with a driver
 //! task; the application holds a [`Session`](crate::Session), made by
 //! [`Session::connect`](crate::Session::connect) on the client and by
-//! [`SessionServer::accept`](crate::SessionServer::accept) on the server.
+//! [`SessionServer::accept`](crate::SessionServer::accept) on the server, or handed over by a
+//! [`SessionListener`] that listens.
 
 mod client;
 mod conn;
 mod core;
 mod establish;
 mod link;
+mod listener;
 mod options;
 mod server;
 mod stream;
@@ -25,6 +27,7 @@ mod timer;
 
 pub use self::conn::SessionConn;
 pub use self::core::{Event, SessionConfig, SessionCore, SessionViolation, Transmit};
+pub use self::listener::{Incoming, ListenerBuilder, SessionListener};
 pub use self::options::SessionOptions;
 pub use self::server::{Accepted, SessionServer};
 pub use self::stream::Session;

@@ -1,0 +1,299 @@
+//! `SessionListener` over real sockets: new sessions over TCP, Unix sockets and TLS, a resume
+//! after the test kills the TCP connection under a session, and a silent client that cannot
+//! stall anyone else. Real time (sockets), so every wait is on an event; `guarded_rt` only turns
+//! a deadlock into a failure.
+
+mod common;
+
+use std::net::{Shutdown, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use backedpipe::proto::{Frame, FrameDecoder};
+use backedpipe::{
+    connector_fn, BoxIo, Connector, PipeConfig, PipeState, Session, SessionListener,
+    SessionOptions, SessionServer, TcpConnector, TlsAcceptor, TlsConnector, UnixConnector,
+};
+use common::{guarded_rt, HOUR};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UnixListener};
+
+/// Options whose handshake timeout is an hour: a listener that waited for one client's
+/// handshake before taking the next could only be caught by `guarded_rt`'s deadline.
+fn options() -> SessionOptions {
+    SessionOptions::default()
+        .pipe(
+            PipeConfig::default()
+                .backoff(Duration::from_millis(5), Duration::from_millis(50))
+                .backoff_seed(3),
+        )
+        .handshake_timeout(HOUR)
+}
+
+async fn tcp_listener() -> (TcpListener, SocketAddr) {
+    let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = tcp.local_addr().unwrap();
+    (tcp, addr)
+}
+
+/// Reads exactly `len` bytes from a session.
+async fn read_exactly(session: &Session, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    let mut got = 0;
+    while got < len {
+        let n = session.read(&mut buf[got..]).await.expect("read");
+        assert_ne!(n, 0, "end of stream after {got} of {len} bytes");
+        got += n;
+    }
+    buf
+}
+
+/// Sends `message` each way between `client` and `server` and checks it arrived.
+async fn round_trip(client: &Session, server: &Session, message: &[u8]) {
+    client.write(message).await.unwrap();
+    assert_eq!(read_exactly(server, message.len()).await, message);
+    server.write(message).await.unwrap();
+    assert_eq!(read_exactly(client, message.len()).await, message);
+}
+
+#[tokio::test]
+async fn a_tcp_listener_hands_each_new_session_to_accept() {
+    guarded_rt(async {
+        let (tcp, addr) = tcp_listener().await;
+        let server = SessionServer::new(options());
+        let mut listener = SessionListener::new(tcp, server.clone()).unwrap();
+        let first = Session::connect(TcpConnector::new(addr), options())
+            .await
+            .unwrap();
+        let second = Session::connect(TcpConnector::new(addr), options())
+            .await
+            .unwrap();
+        let a = listener.accept().await.unwrap();
+        let b = listener.accept().await.unwrap();
+        // Each accepted session is the server end of one client's session.
+        let (first_server, second_server) = if a.id() == first.id() { (a, b) } else { (b, a) };
+        assert_eq!(first_server.id(), first.id());
+        assert_eq!(second_server.id(), second.id());
+        assert_ne!(first.id(), second.id());
+        round_trip(&first, &first_server, b"first").await;
+        round_trip(&second, &second_server, b"second").await;
+        assert_eq!(server.session_count(), 2);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_unix_socket_listener_hands_over_a_new_session() {
+    guarded_rt(async {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("session.sock");
+        let unix = UnixListener::bind(&path).unwrap();
+        let mut listener = SessionListener::new(unix, SessionServer::new(options())).unwrap();
+        let client = Session::connect(UnixConnector::new(&path), options())
+            .await
+            .unwrap();
+        let server = listener.accept().await.unwrap();
+        assert_eq!(server.id(), client.id());
+        round_trip(&client, &server, b"over a unix socket").await;
+        client.shutdown().await.unwrap();
+        let mut buf = [0u8; 1];
+        assert_eq!(
+            server.read(&mut buf).await.unwrap(),
+            0,
+            "FIN reads as Ok(0)"
+        );
+    })
+    .await;
+}
+
+/// A TCP connector that keeps a handle on every connection it opens, so the test can kill the
+/// one under a session (both directions, as a dying network would).
+#[derive(Clone, Default)]
+struct Killable {
+    sockets: Arc<Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Killable {
+    fn connector(&self, addr: SocketAddr) -> impl Connector {
+        let sockets = self.sockets.clone();
+        connector_fn(move || {
+            let sockets = sockets.clone();
+            async move {
+                let stream = TcpStream::connect(addr).await?.into_std()?;
+                sockets.lock().unwrap().push(stream.try_clone()?);
+                Ok::<BoxIo, std::io::Error>(Box::new(TcpStream::from_std(stream)?))
+            }
+        })
+    }
+
+    fn kill_all(&self) {
+        for socket in self.sockets.lock().unwrap().iter() {
+            let _ = socket.shutdown(Shutdown::Both);
+        }
+    }
+
+    fn opened(&self) -> usize {
+        self.sockets.lock().unwrap().len()
+    }
+}
+
+#[tokio::test]
+async fn a_killed_tcp_connection_resumes_through_the_listener_without_accept() {
+    guarded_rt(async {
+        let (tcp, addr) = tcp_listener().await;
+        let server = SessionServer::new(options());
+        let mut listener = SessionListener::new(tcp, server.clone()).unwrap();
+        let killable = Killable::default();
+        let client = Session::connect(killable.connector(addr), options())
+            .await
+            .unwrap();
+        let server_side = listener.accept().await.unwrap();
+        round_trip(&client, &server_side, b"before").await;
+        let generation = client.pipe().generation();
+
+        // Bytes written while the connection dies must arrive exactly once, by replay.
+        killable.kill_all();
+        client.write(b"during").await.unwrap();
+        let mut status = client.status();
+        status
+            .wait_for(|state| {
+                matches!(state, PipeState::Connected) && client.pipe().generation() > generation
+            })
+            .await
+            .unwrap();
+        assert!(killable.opened() >= 2, "over a new TCP connection");
+        assert_eq!(read_exactly(&server_side, 6).await, b"during");
+        round_trip(&client, &server_side, b"after").await;
+        assert_eq!(server.session_count(), 1, "the resume made no new session");
+
+        // The resume never surfaced as a new session: the next accept gets the next client.
+        let other = Session::connect(TcpConnector::new(addr), options())
+            .await
+            .unwrap();
+        let next = listener.accept().await.unwrap();
+        assert_eq!(next.id(), other.id());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_silent_client_does_not_stop_the_next_one_being_accepted() {
+    guarded_rt(async {
+        let (tcp, addr) = tcp_listener().await;
+        let mut listener = SessionListener::new(tcp, SessionServer::new(options())).unwrap();
+        // Connects and never sends a byte; the server's handshake timeout is an hour.
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        let client = Session::connect(TcpConnector::new(addr), options())
+            .await
+            .unwrap();
+        let server = listener.accept().await.unwrap();
+        assert_eq!(server.id(), client.id());
+        round_trip(&client, &server, b"not stalled").await;
+        // The silent client's handshake was waiting all along: it can still finish it.
+        silent
+            .write_all(&Frame::hello_new().to_vec())
+            .await
+            .unwrap();
+        let mut decoder = FrameDecoder::new();
+        let welcome = loop {
+            if let Some(frame) = decoder.next_frame().unwrap() {
+                break frame;
+            }
+            let mut buf = [0u8; 1024];
+            let n = silent.read(&mut buf).await.unwrap();
+            assert_ne!(n, 0, "the server dropped the silent client");
+            decoder.push(&buf[..n]);
+        };
+        let Frame::Welcome { session_id, .. } = welcome else {
+            panic!("expected WELCOME, got {welcome:?}");
+        };
+        assert_eq!(listener.accept().await.unwrap().id(), session_id);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_failed_handshake_is_not_an_accept_error() {
+    guarded_rt(async {
+        let (tcp, addr) = tcp_listener().await;
+        let mut listener = SessionListener::new(tcp, SessionServer::new(options())).unwrap();
+        // Garbage gets a CLOSE and the connection ends; the listener carries on.
+        let mut garbage = TcpStream::connect(addr).await.unwrap();
+        garbage.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut answer = Vec::new();
+        garbage.read_to_end(&mut answer).await.unwrap();
+        assert!(!answer.is_empty(), "a CLOSE came back");
+        let client = Session::connect(TcpConnector::new(addr), options())
+            .await
+            .unwrap();
+        let server = listener.accept().await.unwrap();
+        assert_eq!(server.id(), client.id());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_tls_listener_runs_tls_then_the_session_handshake() {
+    guarded_rt(async {
+        let dir = tempfile::tempdir().unwrap();
+        let certified = rcgen::generate_simple_self_signed(vec!["agent.test".into()]).unwrap();
+        let cert = dir.path().join("agent.pem");
+        let key = dir.path().join("agent.key");
+        std::fs::write(&cert, certified.cert.pem()).unwrap();
+        std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+
+        let (tcp, addr) = tcp_listener().await;
+        let acceptor = TlsAcceptor::from_pem_files(&cert, &key).unwrap();
+        let mut listener = SessionListener::builder(tcp, SessionServer::new(options()))
+            .tls(acceptor)
+            .start()
+            .unwrap();
+        // A plain-TCP client cannot start a session on a TLS listener ...
+        let mut plain = TcpStream::connect(addr).await.unwrap();
+        plain.write_all(&Frame::hello_new().to_vec()).await.unwrap();
+        let mut answer = Vec::new();
+        let _ = plain.read_to_end(&mut answer).await;
+        assert!(
+            !matches!(Frame::decode(&answer), Ok(Some((Frame::Welcome { .. }, _)))),
+            "a session was opened in clear"
+        );
+        // ... a TLS client can, and its bytes go both ways.
+        let connector =
+            TlsConnector::with_pinned_cert(TcpConnector::new(addr), "agent.test", &cert).unwrap();
+        let client = Session::connect(connector, options()).await.unwrap();
+        let server = listener.accept().await.unwrap();
+        assert_eq!(server.id(), client.id());
+        round_trip(&client, &server, b"encrypted").await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_channel_of_transports_is_a_source_and_its_end_ends_accept() {
+    guarded_rt(async {
+        let (transports, incoming) = tokio::sync::mpsc::unbounded_channel::<BoxIo>();
+        let mut listener = SessionListener::new(incoming, SessionServer::new(options())).unwrap();
+        let connector = connector_fn(move || {
+            let transports = transports.clone();
+            async move {
+                let (ours, theirs) = tokio::io::duplex(64 * 1024);
+                transports
+                    .send(Box::new(theirs))
+                    .map_err(|_| std::io::ErrorKind::ConnectionRefused)?;
+                Ok::<BoxIo, std::io::Error>(Box::new(ours))
+            }
+        });
+        let client = Session::connect(connector, options()).await.unwrap();
+        let server = listener.accept().await.unwrap();
+        round_trip(&client, &server, b"in memory").await;
+        // The connector holds the only sender; once it is gone, no transport can come.
+        drop(client);
+        match listener.accept().await {
+            Err(backedpipe::Error::Io(err)) => {
+                assert_eq!(err.kind(), std::io::ErrorKind::NotConnected)
+            }
+            other => panic!("expected the end of the source, got {other:?}"),
+        }
+    })
+    .await;
+}
