@@ -1,9 +1,33 @@
-//! Options every client subcommand takes: where the agent is, how to authenticate, how to
-//! reach it.
+//! Options every client subcommand takes (where the agent is, how to authenticate, how to
+//! reach it), and what the client subcommands share: finding the token, turning client and
+//! session errors into exit codes, carrying a stream between a local byte stream and a
+//! session with half-close, and the status lines a reconnecting session prints.
 
-use std::path::PathBuf;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use backedpipe::session::SessionConfig;
+use backedpipe::{PipeState, Session, SessionOptions};
 use clap::Args;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::CliError;
+use crate::client::{
+    ApiClient, Carrier, ClientError, GoneSignal, ServerAddr, StreamConnector, TlsTrust,
+};
+use crate::token::Token;
+
+/// The environment variable that holds the token's text; it takes precedence over files.
+pub const TOKEN_ENV: &str = "IMMORTAL_TOKEN";
+
+/// The heartbeat interval when `--heartbeat` is not given.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// The shortest heartbeat interval accepted: below it, probes would cost more than they save.
+const MIN_HEARTBEAT: Duration = Duration::from_millis(100);
 
 /// Where the agent is and how to talk to it.
 #[derive(Debug, Clone, Args)]
@@ -25,4 +49,443 @@ pub struct ClientArgs {
     /// only pass WebSocket).
     #[arg(long)]
     pub websocket: bool,
+    /// How often an idle connection is probed (e.g. 5s, 500ms); a connection silent for two
+    /// probes and a second is replaced. Shorter notices a dead network sooner.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_heartbeat)]
+    pub heartbeat: Duration,
+}
+
+impl ClientArgs {
+    /// The token: `IMMORTAL_TOKEN` if set, else the `--token-file`, else the default file.
+    ///
+    /// # Errors
+    /// [`CliError::Other`] naming what is missing or malformed.
+    pub fn token(&self) -> Result<Token, CliError> {
+        resolve_token(
+            std::env::var_os(TOKEN_ENV).as_deref(),
+            self.token_file.as_deref(),
+            Token::default_path(),
+        )
+    }
+
+    /// How TLS trusts the agent, as the options say.
+    pub fn tls_trust(&self) -> TlsTrust {
+        match (&self.tls_ca, &self.tls_pin) {
+            (Some(ca), _) => TlsTrust::CaFile(ca.clone()),
+            (None, Some(pin)) => TlsTrust::PinnedCert(pin.clone()),
+            (None, None) => TlsTrust::None,
+        }
+    }
+
+    /// How streams travel: raw upgrade or WebSocket.
+    pub fn carrier(&self) -> Carrier {
+        if self.websocket {
+            Carrier::WebSocket
+        } else {
+            Carrier::Upgrade
+        }
+    }
+
+    /// A client of the agent, with the token and TLS the options say.
+    ///
+    /// # Errors
+    /// A missing token, a bad `--server`, unreadable TLS files.
+    pub fn api_client(&self) -> Result<ApiClient, CliError> {
+        let server: ServerAddr = self.server.parse()?;
+        let token = self.token()?;
+        Ok(ApiClient::new(server, &token, &self.tls_trust())?)
+    }
+
+    /// A connector for stream `id`.
+    pub fn connector(&self, api: &ApiClient, id: &str) -> StreamConnector {
+        StreamConnector::new(api.clone(), id, self.carrier())
+    }
+
+    /// The session settings: the heartbeat the options say, the library's defaults otherwise.
+    pub fn session_options(&self) -> SessionOptions {
+        session_options(self.heartbeat)
+    }
+}
+
+/// Session settings with a heartbeat every `heartbeat` and a path declared dead after two
+/// silent intervals and a second.
+pub fn session_options(heartbeat: Duration) -> SessionOptions {
+    SessionOptions::default().timing(SessionConfig {
+        heartbeat_interval: heartbeat,
+        dead_after: heartbeat * 2 + Duration::from_secs(1),
+        ..SessionConfig::default()
+    })
+}
+
+/// Parses `--heartbeat`: a humantime duration of at least [`MIN_HEARTBEAT`].
+fn parse_heartbeat(text: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(text).map_err(|err| err.to_string())?;
+    if duration < MIN_HEARTBEAT {
+        return Err(format!(
+            "a heartbeat shorter than {} ms would flood the link",
+            MIN_HEARTBEAT.as_millis()
+        ));
+    }
+    Ok(duration)
+}
+
+/// The token from, in order: the environment's text, the given file, the default file.
+fn resolve_token(
+    env: Option<&std::ffi::OsStr>,
+    file: Option<&Path>,
+    default_file: Option<PathBuf>,
+) -> Result<Token, CliError> {
+    if let Some(text) = env {
+        let text = text
+            .to_str()
+            .ok_or_else(|| CliError::Other(format!("{TOKEN_ENV} is not valid text")))?;
+        return Token::from_hex(text)
+            .map_err(|err| CliError::Other(format!("{TOKEN_ENV} does not hold a token: {err}")));
+    }
+    let path = match file {
+        Some(path) => path.to_path_buf(),
+        None => default_file.ok_or_else(|| {
+            CliError::Other(format!(
+                "no token: this system has no configuration directory; set {TOKEN_ENV} or pass \
+                 --token-file"
+            ))
+        })?,
+    };
+    Token::load(&path).map_err(|err| CliError::Other(err.to_string()))
+}
+
+impl From<ClientError> for CliError {
+    fn from(err: ClientError) -> Self {
+        match err {
+            ClientError::Unauthorized(message) => CliError::Unauthorized(message),
+            ClientError::NotFound(_) => CliError::StreamGone(err.to_string()),
+            ClientError::DialFailed(_) => CliError::DialFailed(err.to_string()),
+            ClientError::TooManyStreams(_) => CliError::TooManyStreams(err.to_string()),
+            ClientError::Unreachable { server, reason } => CliError::Unreachable { server, reason },
+            other => CliError::Other(other.to_string()),
+        }
+    }
+}
+
+/// The exit a session's terminal error calls for: what the agent answered if a connection
+/// attempt was refused, "stream gone" if the session was forgotten or closed by the agent.
+pub(crate) fn session_error(err: &backedpipe::Error) -> CliError {
+    if let Some(client) = ClientError::find_in(err) {
+        return client.clone().into();
+    }
+    match err {
+        backedpipe::Error::SessionUnknown(_) | backedpipe::Error::SessionExpired(_) => {
+            CliError::StreamGone(format!(
+                "the stream is unknown or expired on the agent: {err}"
+            ))
+        }
+        backedpipe::Error::ClosedByPeer { .. } => {
+            CliError::StreamGone(format!("the agent closed the stream: {err}"))
+        }
+        _ => CliError::Other(format!("the stream failed: {err}")),
+    }
+}
+
+/// Bytes carried each way by [`carry`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Carried {
+    /// From the local side into the session.
+    pub(crate) sent: u64,
+    /// From the session to the local side.
+    pub(crate) received: u64,
+}
+
+/// When [`carry`] is done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Until {
+    /// When the remote side has ended its direction (`connect`: the service closed).
+    RemoteEnds,
+    /// When both directions have ended (`forward`: the local connection may half-close).
+    BothEnd,
+}
+
+/// Why carrying failed.
+#[derive(Debug)]
+enum PumpError {
+    /// The local side failed (a reset socket, a closed stdout).
+    Local(io::Error),
+    /// The session failed for good.
+    Session(backedpipe::Error),
+}
+
+/// The size of each copy.
+const CHUNK: usize = 64 * 1024;
+
+/// Carries a stream: `input` into the session (then FIN), the session into `output` (then a
+/// shutdown of `output`), concurrently, until `until` says; stops early with the reason when
+/// the connector raises `gone`.
+///
+/// # Errors
+/// The session's terminal error, the stream being gone, or the local side failing.
+pub(crate) async fn carry(
+    session: &Session,
+    gone: &mut GoneSignal,
+    input: impl AsyncRead + Unpin,
+    output: impl AsyncWrite + Unpin,
+    until: Until,
+) -> Result<Carried, CliError> {
+    let up = copy_into_session(input, session);
+    let down = copy_out_of_session(session, output);
+    tokio::pin!(up, down);
+    let mut carried = Carried::default();
+    let (mut up_done, mut down_done) = (false, false);
+    loop {
+        tokio::select! {
+            result = &mut up, if !up_done => {
+                up_done = true;
+                carried.sent = result.map_err(|err| pump_error(err, "reading the local side"))?;
+            }
+            result = &mut down, if !down_done => {
+                down_done = true;
+                carried.received =
+                    result.map_err(|err| pump_error(err, "writing the local side"))?;
+            }
+            reason = gone.wait() => return Err(reason.into()),
+        }
+        if down_done && (up_done || until == Until::RemoteEnds) {
+            return Ok(carried);
+        }
+    }
+}
+
+fn pump_error(err: PumpError, doing: &str) -> CliError {
+    match err {
+        PumpError::Local(err) => CliError::Other(format!("{doing} failed: {err}")),
+        PumpError::Session(err) => session_error(&err),
+    }
+}
+
+/// Copies `input` into the session until end of input, then sends FIN.
+async fn copy_into_session(
+    mut input: impl AsyncRead + Unpin,
+    session: &Session,
+) -> Result<u64, PumpError> {
+    let mut buf = vec![0; CHUNK];
+    let mut total = 0;
+    loop {
+        let n = input.read(&mut buf).await.map_err(PumpError::Local)?;
+        if n == 0 {
+            session.shutdown().await.map_err(PumpError::Session)?;
+            return Ok(total);
+        }
+        write_all(session, &buf[..n])
+            .await
+            .map_err(PumpError::Session)?;
+        total += n as u64;
+    }
+}
+
+/// Copies the session into `output` until the peer's FIN, then shuts `output` down. Each
+/// chunk is flushed at once: interactive data must not wait in a buffer.
+async fn copy_out_of_session(
+    session: &Session,
+    mut output: impl AsyncWrite + Unpin,
+) -> Result<u64, PumpError> {
+    let mut buf = vec![0; CHUNK];
+    let mut total = 0;
+    loop {
+        let n = session.read(&mut buf).await.map_err(PumpError::Session)?;
+        if n == 0 {
+            output.shutdown().await.map_err(PumpError::Local)?;
+            return Ok(total);
+        }
+        output
+            .write_all(&buf[..n])
+            .await
+            .map_err(PumpError::Local)?;
+        output.flush().await.map_err(PumpError::Local)?;
+        total += n as u64;
+    }
+}
+
+/// Writes all of `buf` to the session.
+pub(crate) async fn write_all(session: &Session, mut buf: &[u8]) -> backedpipe::Result<()> {
+    while !buf.is_empty() {
+        let n = session.write(buf).await?;
+        if n == 0 {
+            return Err(backedpipe::Error::PipeClosed);
+        }
+        buf = &buf[n..];
+    }
+    Ok(())
+}
+
+/// The longest a reconnecting session stays silent on stderr.
+pub const STATUS_EVERY: Duration = Duration::from_secs(5);
+
+/// Reports a session's connection losses and recoveries through `say`, until the session
+/// ends: a line when the connection is lost, then at most one every [`STATUS_EVERY`] while
+/// it stays lost ("connection lost, reconnecting (attempt 3, offline 12 s)"), and one when it
+/// is back ("reconnected after 12 s").
+pub(crate) async fn report_status(mut status: watch::Receiver<PipeState>, say: impl Fn(String)) {
+    let mut offline: Option<Offline> = None;
+    loop {
+        let next_line = offline.as_ref().map(|o| o.last_line + STATUS_EVERY);
+        tokio::select! {
+            changed = status.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let state = status.borrow_and_update().clone();
+                match state {
+                    PipeState::Connected => {
+                        if let Some(o) = offline.take() {
+                            say(format!("reconnected after {}", seconds(o.since.elapsed())));
+                        }
+                    }
+                    PipeState::Disconnected | PipeState::Reconnecting => {
+                        let now = Instant::now();
+                        let o = offline.get_or_insert_with(|| {
+                            say("connection lost, reconnecting".into());
+                            Offline { since: now, last_line: now, attempts: 0 }
+                        });
+                        if matches!(state, PipeState::Reconnecting) {
+                            o.attempts += 1;
+                        }
+                    }
+                    _ if state.is_final() => return,
+                    _ => {}
+                }
+            }
+            () = sleep_until(next_line) => {
+                if let Some(o) = offline.as_mut() {
+                    o.last_line = Instant::now();
+                    say(format!(
+                        "connection lost, reconnecting (attempt {}, offline {})",
+                        o.attempts.max(1),
+                        seconds(o.since.elapsed())
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// A session without a connection, as [`report_status`] tracks it.
+struct Offline {
+    since: Instant,
+    last_line: Instant,
+    attempts: u32,
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A duration for people: tenths below ten seconds, whole seconds above.
+pub(crate) fn seconds(duration: Duration) -> String {
+    let secs = duration.as_secs_f64();
+    if secs < 10.0 {
+        format!("{secs:.1} s")
+    } else {
+        format!("{} s", duration.as_secs())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    #[test]
+    fn the_environment_wins_over_files() {
+        let token = Token::generate();
+        let hex = token.to_hex();
+        let from_env = resolve_token(
+            Some(std::ffi::OsStr::new(&hex)),
+            Some(Path::new("missing-file")),
+            None,
+        );
+        assert_eq!(from_env.unwrap().to_hex(), hex);
+        let bad = resolve_token(Some(std::ffi::OsStr::new("xyz")), None, None);
+        assert!(matches!(bad, Err(CliError::Other(m)) if m.contains(TOKEN_ENV)));
+        let missing = resolve_token(None, Some(Path::new("missing-file")), None);
+        assert!(matches!(missing, Err(CliError::Other(m)) if m.contains("missing-file")));
+        let nowhere = resolve_token(None, None, None);
+        assert!(matches!(nowhere, Err(CliError::Other(m)) if m.contains("--token-file")));
+    }
+
+    #[test]
+    fn heartbeats_parse_and_set_the_dead_path_bound() {
+        assert_eq!(parse_heartbeat("1s"), Ok(Duration::from_secs(1)));
+        assert!(parse_heartbeat("10ms").is_err());
+        assert!(parse_heartbeat("soon").is_err());
+        let options = session_options(Duration::from_secs(2));
+        let text = format!("{options:?}");
+        assert!(text.contains("dead_after: 5s"), "{text}");
+    }
+
+    #[test]
+    fn client_errors_get_their_exit_codes() {
+        use std::process::ExitCode;
+        let code = |err: ClientError| CliError::from(err).exit_code();
+        assert_eq!(
+            code(ClientError::Unauthorized("x".into())),
+            ExitCode::from(3)
+        );
+        assert_eq!(code(ClientError::NotFound("x".into())), ExitCode::from(4));
+        assert_eq!(code(ClientError::DialFailed("x".into())), ExitCode::from(5));
+        assert_eq!(
+            code(ClientError::TooManyStreams("x".into())),
+            ExitCode::from(6)
+        );
+        let unreachable = ClientError::Unreachable {
+            server: "s".into(),
+            reason: "r".into(),
+        };
+        assert_eq!(code(unreachable), ExitCode::from(7));
+    }
+
+    #[test]
+    fn a_gone_stream_found_inside_a_session_error_exits_4() {
+        let io: io::Error = ClientError::NotFound("no such stream".into()).into();
+        let err = backedpipe::Error::Io(Arc::new(io));
+        assert!(matches!(session_error(&err), CliError::StreamGone(_)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn status_lines_are_spaced_and_say_how_long() {
+        let (tx, rx) = watch::channel(PipeState::Connected);
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        let reporter = tokio::spawn(report_status(rx, move |line| {
+            sink.lock().unwrap().push(line);
+        }));
+        let step = |state: PipeState| {
+            tx.send_replace(state);
+        };
+        tokio::task::yield_now().await;
+        step(PipeState::Disconnected);
+        tokio::task::yield_now().await;
+        for _ in 0..12 {
+            step(PipeState::Reconnecting);
+            tokio::task::yield_now().await;
+            step(PipeState::Disconnected);
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        step(PipeState::Connected);
+        tokio::task::yield_now().await;
+        step(PipeState::Closed);
+        reporter.await.unwrap();
+        let lines = lines.lock().unwrap().clone();
+        assert_eq!(
+            lines,
+            [
+                "connection lost, reconnecting",
+                "connection lost, reconnecting (attempt 5, offline 5.0 s)",
+                "connection lost, reconnecting (attempt 10, offline 10 s)",
+                "reconnected after 12 s",
+            ]
+        );
+    }
 }

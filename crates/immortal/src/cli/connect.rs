@@ -1,14 +1,31 @@
 //! `immortal connect --stdio`: one stream on stdin/stdout, for ssh's ProxyCommand.
+//!
+//! stdout carries the stream's bytes and nothing else; status lines and logs go to stderr.
+//! stdin is read on a thread of its own, so that the process can exit when the remote service
+//! closes even while nothing ever arrives on stdin (a blocking read cannot be cancelled).
 
+use std::io::{self, Read};
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use backedpipe::Session;
 use clap::Args;
+use tokio::io::{AsyncRead, ReadBuf};
+use tokio::sync::mpsc;
 
-use super::common::ClientArgs;
+use super::common::{carry, report_status, session_error, ClientArgs, Until};
 use super::CliError;
+use crate::client::ApiClient;
 
 /// Carry one immortal stream on stdin/stdout (for ssh's ProxyCommand).
 ///
 /// Creates a stream to TARGET_PORT on the agent and copies stdin to it and it to stdout,
-/// surviving network loss for as long as the stream lives. Status goes to stderr.
+/// surviving network loss for as long as the stream lives. Exits 0 when the remote service
+/// closes the connection; end of stdin is passed on to the service as a half-close. Status goes
+/// to stderr ("connection lost, reconnecting (attempt 3, offline 12 s)", "reconnected after
+/// 12 s"). Exit codes: 3 the agent refused the token, 4 the stream is unknown or expired, 5
+/// nothing listens on TARGET_PORT, 6 the agent is full, 7 the agent cannot be reached.
 ///
 /// Example: ssh -o ProxyCommand='immortal connect --stdio --server %h:7400 %p' myhost
 #[derive(Debug, Clone, Args)]
@@ -26,8 +43,159 @@ pub struct ConnectArgs {
     pub target_port: u16,
 }
 
+/// How long a best-effort clean-up request may take on the way out.
+const CLEANUP_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Runs until the remote service closes the stream.
 pub async fn run(args: ConnectArgs) -> Result<(), CliError> {
-    let _ = args;
-    Err(CliError::Other("connect: not built yet".into()))
+    let api = args.client.api_client()?;
+    let stream = api.create_stream(args.target_port, None).await?;
+    tracing::debug!(stream = %stream.id, port = stream.port, "stream created");
+    let connector = args.client.connector(&api, &stream.id);
+    let mut gone = connector.gone_signal();
+    let session = match Session::connect(connector, args.client.session_options()).await {
+        Ok(session) => session,
+        Err(err) => {
+            let err = gone
+                .get()
+                .map(CliError::from)
+                .unwrap_or_else(|| session_error(&err));
+            delete_quietly(&api, &stream.id).await;
+            return Err(err);
+        }
+    };
+    let reporter = (!args.quiet).then(|| {
+        tokio::spawn(report_status(session.status(), |line| {
+            eprintln!("immortal: {line}");
+        }))
+    });
+    let stdin = StdinReader::spawn().map_err(|err| CliError::Other(format!("stdin: {err}")))?;
+    let carried = tokio::select! {
+        result = carry(&session, &mut gone, stdin, tokio::io::stdout(), Until::RemoteEnds) => result,
+        signal = termination() => Err(CliError::Other(format!("stopped by {signal}"))),
+    };
+    if let Some(reporter) = reporter {
+        reporter.abort();
+    }
+    // Tell the agent this side is done (CLOSE); it forgets the stream once both sides are.
+    let _ = session.close().await;
+    match carried {
+        Ok(carried) => {
+            tracing::debug!(
+                sent = carried.sent,
+                received = carried.received,
+                "stream ended"
+            );
+            Ok(())
+        }
+        Err(err) => {
+            if !matches!(err, CliError::StreamGone(_) | CliError::Unauthorized(_)) {
+                delete_quietly(&api, &stream.id).await;
+            }
+            Err(err)
+        }
+    }
+}
+
+/// Deletes the stream if the agent can be asked within [`CLEANUP_TIMEOUT`]; a failure is only
+/// logged (the agent's TTL removes the stream anyway).
+async fn delete_quietly(api: &ApiClient, id: &str) {
+    match tokio::time::timeout(CLEANUP_TIMEOUT, api.delete(id)).await {
+        Ok(Ok(())) => tracing::debug!(stream = %id, "stream deleted"),
+        Ok(Err(err)) => tracing::debug!(stream = %id, %err, "could not delete the stream"),
+        Err(_) => tracing::debug!(stream = %id, "deleting the stream timed out"),
+    }
+}
+
+/// Resolves when the process is asked to stop (Ctrl-C; on Unix also SIGTERM, and SIGHUP,
+/// which ssh sends its ProxyCommand when it exits), with the signal's name.
+async fn termination() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let hangup = signal(SignalKind::hangup());
+        let terminate = signal(SignalKind::terminate());
+        if let (Ok(mut hangup), Ok(mut terminate)) = (hangup, terminate) {
+            return tokio::select! {
+                _ = tokio::signal::ctrl_c() => "SIGINT",
+                _ = hangup.recv() => "SIGHUP",
+                _ = terminate.recv() => "SIGTERM",
+            };
+        }
+    }
+    match tokio::signal::ctrl_c().await {
+        Ok(()) => "SIGINT",
+        Err(_) => std::future::pending().await,
+    }
+}
+
+/// The size of each read from stdin.
+const STDIN_CHUNK: usize = 64 * 1024;
+
+/// Stdin as an [`AsyncRead`], fed by a thread that does the blocking reads. The thread is
+/// never joined: it ends at end of input, or with the process.
+struct StdinReader {
+    chunks: mpsc::Receiver<io::Result<Vec<u8>>>,
+    current: Vec<u8>,
+    pos: usize,
+}
+
+impl StdinReader {
+    fn spawn() -> io::Result<StdinReader> {
+        let (tx, chunks) = mpsc::channel(4);
+        std::thread::Builder::new()
+            .name("immortal-stdin".into())
+            .spawn(move || read_stdin(&tx))?;
+        Ok(StdinReader {
+            chunks,
+            current: Vec::new(),
+            pos: 0,
+        })
+    }
+}
+
+/// The stdin thread: reads until end of input (then drops `tx`, which the reader sees as end
+/// of input) or until nobody listens.
+fn read_stdin(tx: &mpsc::Sender<io::Result<Vec<u8>>>) {
+    let mut stdin = io::stdin().lock();
+    loop {
+        let mut buf = vec![0; STDIN_CHUNK];
+        let message = match stdin.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                buf.truncate(n);
+                Ok(buf)
+            }
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+            Err(err) => Err(err),
+        };
+        let failed = message.is_err();
+        if tx.blocking_send(message).is_err() || failed {
+            return;
+        }
+    }
+}
+
+impl AsyncRead for StdinReader {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.pos == self.current.len() {
+            match ready!(self.chunks.poll_recv(cx)) {
+                Some(Ok(chunk)) => {
+                    self.current = chunk;
+                    self.pos = 0;
+                }
+                Some(Err(err)) => return Poll::Ready(Err(err)),
+                None => return Poll::Ready(Ok(())),
+            }
+        }
+        let this = &mut *self;
+        let n = buf.remaining().min(this.current.len() - this.pos);
+        buf.put_slice(&this.current[this.pos..this.pos + n]);
+        this.pos += n;
+        Poll::Ready(Ok(()))
+    }
 }

@@ -4,8 +4,11 @@ use clap::Args;
 
 use super::common::ClientArgs;
 use super::CliError;
+use crate::client::ClientError;
 
 /// Delete a stream (its client gets end-of-stream... or an error if it was mid-transfer).
+///
+/// Exits 4 if the agent has no stream with that id.
 ///
 /// Example: immortal rm 3f2a...
 #[derive(Debug, Clone, Args)]
@@ -19,6 +22,16 @@ pub struct RmArgs {
 
 /// Deletes the stream.
 pub async fn run(args: RmArgs) -> Result<(), CliError> {
-    let _ = args;
-    Err(CliError::Other("rm: not built yet".into()))
+    let api = args.client.api_client()?;
+    match api.delete(&args.id).await {
+        Ok(()) => {
+            println!("removed stream {}", args.id);
+            Ok(())
+        }
+        Err(ClientError::NotFound(_)) => Err(CliError::StreamGone(format!(
+            "no stream {} on the agent (never created, already removed, or expired)",
+            args.id
+        ))),
+        Err(err) => Err(err.into()),
+    }
 }

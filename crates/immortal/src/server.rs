@@ -1,1 +1,0 @@
-//! The agent: the HTTP server, its stream registry, and the upgrades that carry streams.
