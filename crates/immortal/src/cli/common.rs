@@ -380,6 +380,28 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
+/// Resolves when the process is asked to stop (Ctrl-C; on Unix also SIGTERM, and SIGHUP,
+/// which ssh sends its ProxyCommand when it exits), with the signal's name.
+pub(crate) async fn termination() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let hangup = signal(SignalKind::hangup());
+        let terminate = signal(SignalKind::terminate());
+        if let (Ok(mut hangup), Ok(mut terminate)) = (hangup, terminate) {
+            return tokio::select! {
+                _ = tokio::signal::ctrl_c() => "SIGINT",
+                _ = hangup.recv() => "SIGHUP",
+                _ = terminate.recv() => "SIGTERM",
+            };
+        }
+    }
+    match tokio::signal::ctrl_c().await {
+        Ok(()) => "SIGINT",
+        Err(_) => std::future::pending().await,
+    }
+}
+
 /// A duration for people: tenths below ten seconds, whole seconds above.
 pub(crate) fn seconds(duration: Duration) -> String {
     let secs = duration.as_secs_f64();

@@ -14,7 +14,7 @@ use clap::Args;
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::mpsc;
 
-use super::common::{carry, report_status, session_error, ClientArgs, Until};
+use super::common::{carry, report_status, session_error, termination, ClientArgs, Until};
 use super::CliError;
 use crate::client::ApiClient;
 
@@ -104,28 +104,6 @@ async fn delete_quietly(api: &ApiClient, id: &str) {
         Ok(Ok(())) => tracing::debug!(stream = %id, "stream deleted"),
         Ok(Err(err)) => tracing::debug!(stream = %id, %err, "could not delete the stream"),
         Err(_) => tracing::debug!(stream = %id, "deleting the stream timed out"),
-    }
-}
-
-/// Resolves when the process is asked to stop (Ctrl-C; on Unix also SIGTERM, and SIGHUP,
-/// which ssh sends its ProxyCommand when it exits), with the signal's name.
-async fn termination() -> &'static str {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let hangup = signal(SignalKind::hangup());
-        let terminate = signal(SignalKind::terminate());
-        if let (Ok(mut hangup), Ok(mut terminate)) = (hangup, terminate) {
-            return tokio::select! {
-                _ = tokio::signal::ctrl_c() => "SIGINT",
-                _ = hangup.recv() => "SIGHUP",
-                _ = terminate.recv() => "SIGTERM",
-            };
-        }
-    }
-    match tokio::signal::ctrl_c().await {
-        Ok(()) => "SIGINT",
-        Err(_) => std::future::pending().await,
     }
 }
 
