@@ -297,3 +297,96 @@ async fn a_channel_of_transports_is_a_source_and_its_end_ends_accept() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_session_opened_over_tcp_resumes_through_a_unix_listener_of_the_same_server() {
+    guarded_rt(async {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("resume.sock");
+        let (tcp, addr) = tcp_listener().await;
+        let server = SessionServer::new(options());
+        let mut over_tcp = SessionListener::new(tcp, server.clone()).unwrap();
+        let _over_unix = SessionListener::new(UnixListener::bind(&path).unwrap(), server).unwrap();
+        // The first connection goes over TCP, every later one over the Unix socket: the client
+        // roams from one transport to the other.
+        let dialled = Arc::new(Mutex::new(0));
+        let connector = {
+            let dialled = dialled.clone();
+            let path = path.clone();
+            connector_fn(move || {
+                let first = {
+                    let mut dialled = dialled.lock().unwrap();
+                    *dialled += 1;
+                    *dialled == 1
+                };
+                let path = path.clone();
+                async move {
+                    if first {
+                        TcpConnector::new(addr).connect().await
+                    } else {
+                        UnixConnector::new(path).connect().await
+                    }
+                }
+            })
+        };
+        let client = Session::connect(connector, options()).await.unwrap();
+        let server_side = over_tcp.accept().await.unwrap();
+        round_trip(&client, &server_side, b"over tcp").await;
+        let generation = client.pipe().generation();
+        client.pipe().force_reconnect().await.unwrap();
+        assert!(client.pipe().generation() > generation);
+        assert_eq!(*dialled.lock().unwrap(), 2);
+        round_trip(&client, &server_side, b"over the unix socket").await;
+    })
+    .await;
+}
+
+/// Transports made in memory and handed to a listener through a channel, for paused time.
+fn in_memory(transports: tokio::sync::mpsc::UnboundedSender<BoxIo>) -> impl Connector {
+    connector_fn(move || {
+        let transports = transports.clone();
+        async move {
+            let (ours, theirs) = tokio::io::duplex(64 * 1024);
+            transports
+                .send(Box::new(theirs))
+                .map_err(|_| std::io::ErrorKind::ConnectionRefused)?;
+            Ok::<BoxIo, std::io::Error>(Box::new(ours))
+        }
+    })
+}
+
+/// How long (in paused time) a client waits for its session while one silent transport, sent
+/// first, holds a handshake open, on a listener running at most `max_handshakes` at once.
+async fn wait_behind_a_silent_client(max_handshakes: usize) -> Duration {
+    const TIMEOUT: Duration = Duration::from_secs(10);
+    // The server gives up on a handshake after ten seconds; the client waits an hour.
+    let server = SessionServer::new(options().handshake_timeout(TIMEOUT));
+    let (transports, incoming) = tokio::sync::mpsc::unbounded_channel::<BoxIo>();
+    let mut listener = SessionListener::builder(incoming, server)
+        .max_handshakes(max_handshakes)
+        .start()
+        .unwrap();
+    let (_silent, theirs) = tokio::io::duplex(1024);
+    transports.send(Box::new(theirs)).unwrap();
+    let started = tokio::time::Instant::now();
+    let client = Session::connect(in_memory(transports), options())
+        .await
+        .unwrap();
+    let waited = started.elapsed();
+    assert_eq!(listener.accept().await.unwrap().id(), client.id());
+    waited
+}
+
+#[tokio::test(start_paused = true)]
+async fn handshakes_run_concurrently_up_to_the_configured_bound() {
+    common::guarded(async {
+        // Room for two: the client is served at once, beside the silent one.
+        assert_eq!(wait_behind_a_silent_client(2).await, Duration::ZERO);
+        // Room for one: the client waits until the silent handshake times out.
+        assert_eq!(
+            wait_behind_a_silent_client(1).await,
+            Duration::from_secs(10)
+        );
+    })
+    .await;
+}
