@@ -98,6 +98,10 @@ pub enum ErrorCode {
     TooManyStreams,
     /// 500: anything else.
     Internal,
+    /// 404: no such endpoint (a path the API does not have).
+    NotFound,
+    /// 405: the endpoint exists but does not take this method.
+    MethodNotAllowed,
 }
 
 impl ErrorCode {
@@ -111,6 +115,8 @@ impl ErrorCode {
             ErrorCode::DialFailed => 422,
             ErrorCode::TooManyStreams => 503,
             ErrorCode::Internal => 500,
+            ErrorCode::NotFound => 404,
+            ErrorCode::MethodNotAllowed => 405,
         }
     }
 }

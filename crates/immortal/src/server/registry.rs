@@ -1,0 +1,266 @@
+//! The agent's streams: creating one (dialling the local port, making room), finding, listing
+//! and removing them, and the events that tell the outside what happened.
+//!
+//! This module owns the table and the limit. A stream's own life (its session, its bytes) is in
+//! [`stream`](super::stream); a stream ends by asking the registry to remove it, and is removed
+//! exactly once, by whoever comes first (its task, a DELETE, an eviction), with that reason.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use backedpipe::SessionOptions;
+use tokio::net::TcpStream;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use super::stream::Stream;
+use crate::api::StreamInfo;
+
+/// How long the agent waits for a local service to accept a connection.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How many events a slow subscriber may fall behind before it misses some.
+const EVENT_BACKLOG: usize = 256;
+
+/// Something that happened to a stream, as [`Agent::subscribe`](super::Agent::subscribe)
+/// reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StreamEvent {
+    /// A stream was created: the agent is connected to the local port.
+    Created {
+        /// The stream's id.
+        id: String,
+        /// The local port.
+        port: u16,
+    },
+    /// A client attached (the first time, or resuming after a loss).
+    Connected {
+        /// The stream's id.
+        id: String,
+    },
+    /// The client's transport went away; the stream waits for a resume until its time to live.
+    Disconnected {
+        /// The stream's id.
+        id: String,
+    },
+    /// The stream is gone from the agent (it is no longer listed).
+    Removed {
+        /// The stream's id.
+        id: String,
+        /// Why.
+        reason: RemovalReason,
+    },
+}
+
+/// Why a stream was removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RemovalReason {
+    /// A client asked (`DELETE`).
+    Deleted,
+    /// It made room for a new stream: it was the oldest stream with no client attached.
+    Evicted,
+    /// No client was attached for the time to live.
+    Expired,
+    /// It ended normally: both directions finished, or the client closed its session.
+    Ended,
+    /// It failed: the local service's connection or the session broke for good.
+    Failed(String),
+    /// The agent stopped.
+    AgentStopped,
+}
+
+/// Why a stream could not be created.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CreateError {
+    /// Every slot holds a stream with a client attached.
+    #[error("the agent holds its maximum of {0} streams and every one has a client attached")]
+    Full(usize),
+    /// The local port did not accept the connection.
+    #[error("cannot connect to 127.0.0.1:{port}: {reason}")]
+    Dial {
+        /// The port.
+        port: u16,
+        /// Why, in words.
+        reason: String,
+    },
+}
+
+/// The table of streams. Cheap to clone (one shared table).
+#[derive(Debug, Clone)]
+pub(crate) struct Registry {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    max_streams: usize,
+    ttl: Duration,
+    options: SessionOptions,
+    shutdown: CancellationToken,
+    streams: Mutex<HashMap<String, Arc<Stream>>>,
+    next_serial: AtomicU64,
+    events: broadcast::Sender<StreamEvent>,
+}
+
+impl Registry {
+    /// An empty registry. Its streams' tasks end when `shutdown` is cancelled.
+    pub(crate) fn new(
+        max_streams: usize,
+        ttl: Duration,
+        options: SessionOptions,
+        shutdown: CancellationToken,
+    ) -> Registry {
+        Registry {
+            inner: Arc::new(Inner {
+                max_streams,
+                ttl,
+                options,
+                shutdown,
+                streams: Mutex::new(HashMap::new()),
+                next_serial: AtomicU64::new(0),
+                events: broadcast::channel(EVENT_BACKLOG).0,
+            }),
+        }
+    }
+
+    /// A receiver of every later event.
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<StreamEvent> {
+        self.inner.events.subscribe()
+    }
+
+    /// Reports an event (to nobody, if nobody listens).
+    pub(crate) fn emit(&self, event: StreamEvent) {
+        let _ = self.inner.events.send(event);
+    }
+
+    /// The time to live of a stream with no client attached.
+    pub(crate) fn ttl(&self) -> Duration {
+        self.inner.ttl
+    }
+
+    /// The stream with this id.
+    pub(crate) fn get(&self, id: &str) -> Option<Arc<Stream>> {
+        self.table().get(id).cloned()
+    }
+
+    /// Every stream, oldest first.
+    pub(crate) fn list(&self) -> Vec<StreamInfo> {
+        let mut streams: Vec<Arc<Stream>> = self.table().values().cloned().collect();
+        streams.sort_by_key(|stream| stream.serial());
+        streams.iter().map(|stream| stream.info()).collect()
+    }
+
+    /// Creates a stream to `127.0.0.1:port`: dials it, makes room (evicting the oldest stream
+    /// with no client attached if the table is full), registers the stream and starts its task.
+    pub(crate) async fn create(
+        &self,
+        port: u16,
+        name: Option<String>,
+    ) -> Result<StreamInfo, CreateError> {
+        // Refuse before dialling when no room can be made, so a full agent does not open and
+        // drop connections to the local service.
+        if !self.has_room() {
+            return Err(CreateError::Full(self.inner.max_streams));
+        }
+        let local = dial(port).await?;
+        let serial = self.inner.next_serial.fetch_add(1, Ordering::Relaxed);
+        let (stream, session_rx) = Stream::new(
+            serial,
+            port,
+            name,
+            self.inner.options.clone(),
+            self.inner.shutdown.child_token(),
+        );
+        let evicted = {
+            let mut table = self.table();
+            let evicted = if table.len() >= self.inner.max_streams {
+                // The room seen above may have been taken meanwhile; look again.
+                match oldest_disconnected(&table) {
+                    Some(id) => table.remove(&id),
+                    None => return Err(CreateError::Full(self.inner.max_streams)),
+                }
+            } else {
+                None
+            };
+            table.insert(stream.id().to_owned(), stream.clone());
+            evicted
+        };
+        if let Some(evicted) = evicted {
+            tracing::info!(id = evicted.id(), "stream evicted to make room");
+            evicted.stop();
+            self.emit(StreamEvent::Removed {
+                id: evicted.id().to_owned(),
+                reason: RemovalReason::Evicted,
+            });
+        }
+        let info = stream.info();
+        tracing::info!(id = %info.id, name = %info.name, port, "stream created");
+        self.emit(StreamEvent::Created {
+            id: info.id.clone(),
+            port,
+        });
+        tokio::spawn(stream.run(local, session_rx, self.clone()));
+        Ok(info)
+    }
+
+    /// Removes the stream and stops it, if it is still here; reports it with `reason`.
+    /// Returns whether it was here (so exactly one caller sees `true`).
+    pub(crate) fn remove(&self, id: &str, reason: RemovalReason) -> bool {
+        let Some(stream) = self.table().remove(id) else {
+            return false;
+        };
+        stream.stop();
+        tracing::info!(id, ?reason, "stream removed");
+        self.emit(StreamEvent::Removed {
+            id: id.to_owned(),
+            reason,
+        });
+        true
+    }
+
+    /// Whether a new stream would fit, evicting if need be.
+    fn has_room(&self) -> bool {
+        let table = self.table();
+        table.len() < self.inner.max_streams || oldest_disconnected(&table).is_some()
+    }
+
+    fn table(&self) -> MutexGuard<'_, HashMap<String, Arc<Stream>>> {
+        self.inner
+            .streams
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The stream to evict: among those with no client attached, the one idle longest, by the
+/// later of its creation and its last disconnection (oldest first, creation order on ties).
+fn oldest_disconnected(table: &HashMap<String, Arc<Stream>>) -> Option<String> {
+    table
+        .values()
+        .filter(|stream| !stream.is_connected())
+        .min_by_key(|stream| (stream.idle_since(), stream.serial()))
+        .map(|stream| stream.id().to_owned())
+}
+
+/// Connects to the local service.
+async fn dial(port: u16) -> Result<TcpStream, CreateError> {
+    let failed = |reason: String| CreateError::Dial { port, reason };
+    match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(("127.0.0.1", port))).await {
+        Ok(Ok(tcp)) => {
+            let _ = tcp.set_nodelay(true);
+            Ok(tcp)
+        }
+        Ok(Err(err)) if err.kind() == std::io::ErrorKind::ConnectionRefused => Err(failed(
+            "connection refused (is anything listening on that port?)".into(),
+        )),
+        Ok(Err(err)) => Err(failed(err.to_string())),
+        Err(_) => Err(failed(format!(
+            "no answer within {}",
+            humantime::format_duration(DIAL_TIMEOUT)
+        ))),
+    }
+}

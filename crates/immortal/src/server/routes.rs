@@ -1,0 +1,206 @@
+//! The management API (`docs/API.md`): routes, bearer-token authentication, JSON bodies and
+//! the error responses.
+//!
+//! Every route requires `Authorization: Bearer <token>`, checked before anything else is looked
+//! at (the body is not even parsed), so a request without the token changes nothing. Errors
+//! are [`ErrorBody`] JSON with the status of their [`ErrorCode`].
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+
+use super::registry::{CreateError, RemovalReason};
+use super::stream::MAX_NAME_LEN;
+use super::{upgrade, Shared};
+use crate::api::{ApiError, CreateStream, ErrorBody, ErrorCode, StreamInfo, StreamList};
+
+/// The agent's routes.
+pub(super) fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/v1/streams", post(create).get(list))
+        .route("/v1/streams/{id}", get(get_one).delete(delete_one))
+        .route("/v1/streams/{id}/connect", get(upgrade::connect))
+        .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
+        .with_state(shared)
+}
+
+/// An error response: a code (which sets the status) and one sentence.
+#[derive(Debug)]
+pub(crate) struct ApiFailure {
+    code: ErrorCode,
+    message: String,
+}
+
+impl ApiFailure {
+    /// A failure with `code`'s status.
+    pub(crate) fn new(code: ErrorCode, message: impl Into<String>) -> ApiFailure {
+        ApiFailure {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// 404 for an id the agent does not hold.
+    pub(crate) fn stream_not_found(id: &str) -> ApiFailure {
+        ApiFailure::new(
+            ErrorCode::StreamNotFound,
+            format!("no stream {id:?} (never created, deleted, or expired)"),
+        )
+    }
+}
+
+impl IntoResponse for ApiFailure {
+    fn into_response(self) -> Response {
+        let status =
+            StatusCode::from_u16(self.code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let unauthorized = self.code == ErrorCode::Unauthorized;
+        let body = ErrorBody {
+            error: ApiError {
+                code: self.code,
+                message: self.message,
+            },
+        };
+        let mut response = (status, Json(body)).into_response();
+        if unauthorized {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+/// Proof that the request carried the agent's token. Handlers take it first, so nothing else
+/// about a request is examined before it is authenticated.
+#[derive(Debug)]
+pub(crate) struct Authorized(());
+
+impl FromRequestParts<Arc<Shared>> for Authorized {
+    type Rejection = ApiFailure;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        shared: &Arc<Shared>,
+    ) -> Result<Authorized, ApiFailure> {
+        let presented = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(bearer_token);
+        match presented {
+            Some(token) if shared.token.verify(token) => Ok(Authorized(())),
+            Some(_) => Err(ApiFailure::new(
+                ErrorCode::Unauthorized,
+                "the bearer token is wrong",
+            )),
+            None => Err(ApiFailure::new(
+                ErrorCode::Unauthorized,
+                "send the agent's token as `Authorization: Bearer <token>`",
+            )),
+        }
+    }
+}
+
+/// The token of an `Authorization: Bearer <token>` value (the scheme in any case).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
+}
+
+/// `POST /v1/streams`.
+async fn create(
+    _auth: Authorized,
+    State(shared): State<Arc<Shared>>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<StreamInfo>), ApiFailure> {
+    let request: CreateStream = serde_json::from_slice(&body).map_err(|err| {
+        ApiFailure::new(
+            ErrorCode::BadRequest,
+            format!("expected {{\"port\": <1-65535>, \"name\": <optional string>}}: {err}"),
+        )
+    })?;
+    if request.port == 0 {
+        return Err(ApiFailure::new(
+            ErrorCode::BadRequest,
+            "port 0 is not a port to connect to",
+        ));
+    }
+    if let Some(name) = &request.name {
+        if name.is_empty()
+            || name.chars().count() > MAX_NAME_LEN
+            || name.chars().any(char::is_control)
+        {
+            return Err(ApiFailure::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "a name is 1 to {MAX_NAME_LEN} characters, none of them control characters"
+                ),
+            ));
+        }
+    }
+    match shared.registry.create(request.port, request.name).await {
+        Ok(info) => Ok((StatusCode::CREATED, Json(info))),
+        Err(err @ CreateError::Full(_)) => {
+            Err(ApiFailure::new(ErrorCode::TooManyStreams, err.to_string()))
+        }
+        Err(err @ CreateError::Dial { .. }) => {
+            Err(ApiFailure::new(ErrorCode::DialFailed, err.to_string()))
+        }
+    }
+}
+
+/// `GET /v1/streams`.
+async fn list(_auth: Authorized, State(shared): State<Arc<Shared>>) -> Json<StreamList> {
+    Json(StreamList {
+        streams: shared.registry.list(),
+    })
+}
+
+/// `GET /v1/streams/{id}`.
+async fn get_one(
+    _auth: Authorized,
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+) -> Result<Json<StreamInfo>, ApiFailure> {
+    shared
+        .registry
+        .get(&id)
+        .map(|stream| Json(stream.info()))
+        .ok_or_else(|| ApiFailure::stream_not_found(&id))
+}
+
+/// `DELETE /v1/streams/{id}`.
+async fn delete_one(
+    _auth: Authorized,
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiFailure> {
+    if shared.registry.remove(&id, RemovalReason::Deleted) {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiFailure::stream_not_found(&id))
+    }
+}
+
+/// Any path the API does not have (authenticated first, like every route, so the API's shape
+/// is not revealed to strangers).
+async fn no_route(_auth: Authorized) -> ApiFailure {
+    ApiFailure::new(ErrorCode::NotFound, "no such endpoint; see docs/API.md")
+}
+
+/// A known path with a method it does not take.
+async fn wrong_method(_auth: Authorized) -> ApiFailure {
+    ApiFailure::new(
+        ErrorCode::MethodNotAllowed,
+        "this endpoint does not take that method; see docs/API.md",
+    )
+}

@@ -1,0 +1,297 @@
+//! `GET /v1/streams/{id}/connect`: the HTTP upgrade that carries a stream, raw
+//! (`Upgrade: immortal-session/1`) or in binary WebSocket messages (`Upgrade: websocket`), and
+//! the session handshake that follows on the upgraded bytes.
+//!
+//! This module owns the upgrade headers and what happens on the upgraded connection until the
+//! handshake is done: the first new-session handshake on a stream creates its session (handed
+//! to the stream's task), later handshakes resume it, and a second new-session handshake is
+//! refused with a CLOSE without touching the live session. It runs in a task of its own per
+//! upgrade, bounded by the handshake timeout, so a silent client stalls nobody.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use backedpipe::proto::{CloseCode, Frame, Hello};
+use backedpipe::{Accepted, BoxIo};
+use bytes::{Buf, Bytes};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::WebSocketStream;
+
+use super::routes::{ApiFailure, Authorized};
+use super::stream::Stream;
+use super::Shared;
+use crate::api::{ErrorCode, UPGRADE_PROTOCOL};
+use crate::ws_io::WsIo;
+
+/// The largest WebSocket message (and frame) the agent accepts. Clients send at most 64 KiB
+/// per message ([`MAX_MESSAGE_LEN`](crate::ws_io::MAX_MESSAGE_LEN)); this bounds what a
+/// misbehaving one can make the agent buffer.
+const MAX_WS_MESSAGE: usize = 1 << 20;
+
+/// How much of the upgraded stream is read looking for the client's HELLO before giving it to
+/// the session handshake as it is (which then refuses it).
+const HELLO_PEEK_LIMIT: usize = 4096;
+
+/// How the client asked to carry the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Carrier {
+    /// The session protocol's bytes directly on the connection.
+    Raw,
+    /// The bytes in binary WebSocket messages.
+    WebSocket,
+}
+
+/// The handler: checks the stream and the headers, answers 101, and leaves the upgraded
+/// connection to a task of its own.
+pub(super) async fn connect(
+    _auth: Authorized,
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    mut request: Request,
+) -> Result<Response, ApiFailure> {
+    let stream = shared
+        .registry
+        .get(&id)
+        .ok_or_else(|| ApiFailure::stream_not_found(&id))?;
+    let carrier = carrier(request.headers())?;
+    let mut response = StatusCode::SWITCHING_PROTOCOLS.into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    match carrier {
+        Carrier::Raw => {
+            headers.insert(header::UPGRADE, HeaderValue::from_static(UPGRADE_PROTOCOL));
+        }
+        Carrier::WebSocket => {
+            let key = websocket_key(request.headers())?;
+            headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            let accept = derive_accept_key(key.as_bytes());
+            let accept = HeaderValue::from_str(&accept)
+                .map_err(|_| ApiFailure::new(ErrorCode::Internal, "bad accept key"))?;
+            headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+        }
+    }
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    let timeout = shared.handshake_timeout;
+    let shutdown = shared.shutdown.clone();
+    tokio::spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(upgraded) => TokioIo::new(upgraded),
+            Err(err) => {
+                tracing::debug!(id = stream.id(), %err, "upgrade failed");
+                return;
+            }
+        };
+        let io: BoxIo = match carrier {
+            Carrier::Raw => Box::new(upgraded),
+            Carrier::WebSocket => {
+                let config = WebSocketConfig::default()
+                    .max_message_size(Some(MAX_WS_MESSAGE))
+                    .max_frame_size(Some(MAX_WS_MESSAGE));
+                let ws = WebSocketStream::from_raw_socket(upgraded, Role::Server, Some(config));
+                Box::new(WsIo::new(ws.await))
+            }
+        };
+        shutdown
+            .run_until_cancelled(attach(&stream, io, timeout))
+            .await;
+    });
+    Ok(response)
+}
+
+/// Which carrier the request's `Connection` and `Upgrade` headers ask for.
+fn carrier(headers: &HeaderMap) -> Result<Carrier, ApiFailure> {
+    let asks_upgrade = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    let protocol = headers
+        .get(header::UPGRADE)
+        .and_then(|value| value.to_str().ok())
+        .map(str::trim);
+    match protocol {
+        Some(protocol) if asks_upgrade && protocol.eq_ignore_ascii_case(UPGRADE_PROTOCOL) => {
+            Ok(Carrier::Raw)
+        }
+        Some(protocol) if asks_upgrade && protocol.eq_ignore_ascii_case("websocket") => {
+            Ok(Carrier::WebSocket)
+        }
+        _ => Err(ApiFailure::new(
+            ErrorCode::BadRequest,
+            format!(
+                "this endpoint carries a stream: send `Connection: Upgrade` with \
+                 `Upgrade: {UPGRADE_PROTOCOL}` or `Upgrade: websocket`"
+            ),
+        )),
+    }
+}
+
+/// The WebSocket handshake's key, once the version is checked.
+fn websocket_key(headers: &HeaderMap) -> Result<&str, ApiFailure> {
+    let version = headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .and_then(|value| value.to_str().ok());
+    if version.map(str::trim) != Some("13") {
+        return Err(ApiFailure::new(
+            ErrorCode::BadRequest,
+            "a WebSocket upgrade needs `Sec-WebSocket-Version: 13`",
+        ));
+    }
+    headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .and_then(|value| value.to_str().ok())
+        .map(str::trim)
+        .filter(|key| !key.is_empty())
+        .ok_or_else(|| {
+            ApiFailure::new(
+                ErrorCode::BadRequest,
+                "a WebSocket upgrade needs `Sec-WebSocket-Key`",
+            )
+        })
+}
+
+/// Runs the session handshake on an upgraded connection of `stream`.
+async fn attach(stream: &Stream, mut io: BoxIo, timeout: Duration) {
+    let (is_new, hello) = match tokio::time::timeout(timeout, read_hello(&mut io)).await {
+        Ok(Ok(peeked)) => peeked,
+        Ok(Err(err)) => {
+            tracing::debug!(id = stream.id(), %err, "connection lost before its hello");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(id = stream.id(), "no hello within the handshake timeout");
+            refuse(io, CloseCode::ProtocolViolation, "handshake timed out").await;
+            return;
+        }
+    };
+    let io: BoxIo = Box::new(Replay {
+        prefix: Bytes::from(hello),
+        io,
+    });
+    if !is_new {
+        // A resume (or something the handshake will refuse with the right CLOSE).
+        match stream.sessions().accept(io).await {
+            Ok(Accepted::Resumed(session)) => {
+                tracing::debug!(id = stream.id(), %session, "session resumed");
+            }
+            Ok(other) => {
+                tracing::warn!(id = stream.id(), ?other, "unexpected handshake outcome");
+            }
+            Err(err) => tracing::debug!(id = stream.id(), %err, "resume refused"),
+        }
+        return;
+    }
+    let Some(claim) = stream.claim_first_session() else {
+        tracing::info!(
+            id = stream.id(),
+            "refused a second new session on a stream that has one"
+        );
+        refuse(
+            io,
+            CloseCode::ProtocolViolation,
+            "this stream already has a session: resume it, or create another stream",
+        )
+        .await;
+        return;
+    };
+    match stream.sessions().accept(io).await {
+        Ok(Accepted::New(session)) => {
+            // The stream's task gone (deleted meanwhile): dropping the session closes it.
+            let _ = claim.send(session);
+        }
+        Ok(other) => {
+            stream.unclaim(claim);
+            tracing::warn!(id = stream.id(), ?other, "unexpected handshake outcome");
+        }
+        Err(err) => {
+            stream.unclaim(claim);
+            tracing::debug!(id = stream.id(), %err, "new session handshake failed");
+        }
+    }
+}
+
+/// Reads until the first frame is whole (or clearly not a frame); returns whether it asks
+/// for a new session, and every byte read.
+async fn read_hello(io: &mut BoxIo) -> io::Result<(bool, Vec<u8>)> {
+    let mut buf = Vec::with_capacity(64);
+    loop {
+        match Frame::decode(&buf) {
+            Ok(Some((Frame::Hello(Hello::NewSession), _))) => return Ok((true, buf)),
+            Ok(Some(_)) | Err(_) => return Ok((false, buf)),
+            Ok(None) if buf.len() >= HELLO_PEEK_LIMIT => return Ok((false, buf)),
+            Ok(None) => {}
+        }
+        if io.read_buf(&mut buf).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+}
+
+/// Sends CLOSE and ends the connection.
+async fn refuse(mut io: BoxIo, code: CloseCode, reason: &str) {
+    let close = Frame::close(code, reason).to_vec();
+    let _ = io.write_all(&close).await;
+    let _ = io.shutdown().await;
+}
+
+/// A transport whose first bytes were already read: they are read again first.
+struct Replay {
+    prefix: Bytes,
+    io: BoxIo,
+}
+
+impl AsyncRead for Replay {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.prefix.has_remaining() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Replay {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
