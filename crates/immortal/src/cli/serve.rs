@@ -1,12 +1,19 @@
 //! `immortal serve`: runs the agent.
 
+use std::io;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use backedpipe::TlsAcceptor;
 use clap::Args;
 
 use super::CliError;
+use crate::server::{Agent, AgentConfig};
+use crate::token::Token;
+
+/// The shortest heartbeat accepted: below it, probes would cost more than they save.
+const MIN_HEARTBEAT: Duration = Duration::from_millis(100);
 
 /// Run the agent: expose this host's local TCP services as immortal streams.
 ///
@@ -21,7 +28,8 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:7400")]
     pub listen: SocketAddr,
-    /// File holding the token clients must present (generated if missing).
+    /// File holding the token clients must present (generated if missing). Default: the file
+    /// `immortal/token` in your configuration directory.
     #[arg(long, value_name = "PATH")]
     pub token_file: Option<PathBuf>,
     /// The most streams held at once; when full, the oldest disconnected stream is evicted.
@@ -30,6 +38,10 @@ pub struct ServeArgs {
     /// How long a stream with no client attached is kept (e.g. 30s, 10m, 24h).
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     pub ttl: Duration,
+    /// How often an idle connection is probed (e.g. 5s, 500ms); a connection silent for two
+    /// probes and a second is dropped and waits for its client to resume.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_heartbeat)]
+    pub heartbeat: Duration,
     /// TLS certificate chain (PEM); serves HTTPS with --tls-key.
     #[arg(long, value_name = "PATH", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -38,8 +50,121 @@ pub struct ServeArgs {
     pub tls_key: Option<PathBuf>,
 }
 
-/// Runs the agent until interrupted.
+/// Runs the agent until interrupted (Ctrl-C or SIGTERM), then exits successfully.
 pub async fn run(args: ServeArgs) -> Result<(), CliError> {
-    let _ = args;
-    Err(CliError::Other("serve: not built yet".into()))
+    let token_path = match &args.token_file {
+        Some(path) => path.clone(),
+        None => Token::default_path().ok_or_else(|| {
+            CliError::Other(
+                "this system has no configuration directory for the token; pass --token-file"
+                    .into(),
+            )
+        })?,
+    };
+    let (token, generated) =
+        Token::load_or_generate(&token_path).map_err(|err| CliError::Other(err.to_string()))?;
+    if generated {
+        print_token_hint(&token_path, args.listen);
+    }
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(
+            TlsAcceptor::from_pem_files(cert, key)
+                .map_err(|err| CliError::Other(format!("TLS: {err}")))?,
+        ),
+        _ => None,
+    };
+    if tls.is_none() && !args.listen.ip().is_loopback() {
+        tracing::warn!(
+            "serving on {} WITHOUT TLS: the token and every stream's bytes cross the network \
+             in the clear. Pass --tls-cert and --tls-key, or listen on 127.0.0.1 and reach the \
+             agent through a tunnel.",
+            args.listen
+        );
+    }
+    let mut config = AgentConfig::new(args.listen, token);
+    config.max_streams = args.max_streams;
+    config.ttl = args.ttl;
+    config.heartbeat = args.heartbeat;
+    config.tls = tls;
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let agent = Agent::bind(config)
+        .await
+        .map_err(|err| bind_error(args.listen, &err))?;
+    tracing::info!("listening on {scheme}://{}", agent.local_addr());
+    tokio::select! {
+        result = agent.run() => result.map_err(|err| CliError::Other(format!("the agent stopped: {err}"))),
+        () = interrupted() => {
+            tracing::info!("interrupted; closing every stream and stopping");
+            Ok(())
+        }
+    }
+}
+
+/// Tells the person who just started the agent where the new token is and how clients use it.
+fn print_token_hint(path: &Path, listen: SocketAddr) {
+    let path = path.display();
+    eprintln!(
+        "immortal: generated a new token in {path} (readable only by you).\n\
+         Clients on this host find it there by default. Elsewhere, copy it and run, e.g.\n\
+         \n    IMMORTAL_TOKEN=$(cat {path}) immortal ls --server {listen}\n\
+         \nor pass --token-file {path}."
+    );
+}
+
+/// A bind failure as one line that says what to do.
+fn bind_error(listen: SocketAddr, err: &io::Error) -> CliError {
+    CliError::Other(match err.kind() {
+        io::ErrorKind::AddrInUse => format!(
+            "cannot listen on {listen}: the address is in use (is another agent running? \
+             choose another with --listen)"
+        ),
+        io::ErrorKind::PermissionDenied => format!(
+            "cannot listen on {listen}: permission denied (ports below 1024 need privileges)"
+        ),
+        io::ErrorKind::AddrNotAvailable => {
+            format!("cannot listen on {listen}: no interface of this host has that address")
+        }
+        _ => format!("cannot listen on {listen}: {err}"),
+    })
+}
+
+/// Parses `--heartbeat`: a duration of at least [`MIN_HEARTBEAT`].
+fn parse_heartbeat(text: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(text).map_err(|err| err.to_string())?;
+    if duration < MIN_HEARTBEAT {
+        return Err(format!(
+            "a heartbeat shorter than {} ms would flood the link",
+            MIN_HEARTBEAT.as_millis()
+        ));
+    }
+    Ok(duration)
+}
+
+/// Resolves on Ctrl-C, or on SIGTERM where there is such a thing.
+async fn interrupted() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            // No signal handling: serve until killed.
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    () = ctrl_c => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(_) => ctrl_c.await,
+        }
+    }
+    #[cfg(not(unix))]
+    ctrl_c.await;
 }
