@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use backedpipe::proto::{Frame, FrameDecoder};
+use backedpipe::session::Incoming;
 use backedpipe::{
     connector_fn, BoxIo, Connector, PipeConfig, PipeState, Session, SessionListener,
     SessionOptions, SessionServer, TcpConnector, TlsAcceptor, TlsConnector, UnixConnector,
@@ -387,6 +388,49 @@ async fn handshakes_run_concurrently_up_to_the_configured_bound() {
             wait_behind_a_silent_client(1).await,
             Duration::from_secs(10)
         );
+    })
+    .await;
+}
+
+/// A source of transports that can also fail, as the test says.
+struct Scripted(tokio::sync::mpsc::UnboundedReceiver<std::io::Result<BoxIo>>);
+
+impl Incoming for Scripted {
+    async fn next(&mut self) -> Option<std::io::Result<BoxIo>> {
+        self.0.recv().await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn accept_errors_are_logged_and_the_listener_carries_on() {
+    common::guarded(async {
+        let (script, incoming) = tokio::sync::mpsc::unbounded_channel();
+        let mut listener =
+            SessionListener::new(Scripted(incoming), SessionServer::new(options())).unwrap();
+        // A client that gave up before being accepted: no pause. The listener's own trouble
+        // (here, out of file descriptors): a short pause, then it goes on.
+        script
+            .send(Err(std::io::ErrorKind::ConnectionAborted.into()))
+            .unwrap();
+        script
+            .send(Err(std::io::Error::other("too many open files")))
+            .unwrap();
+        let started = tokio::time::Instant::now();
+        let connector = connector_fn(move || {
+            let script = script.clone();
+            async move {
+                let (ours, theirs) = tokio::io::duplex(64 * 1024);
+                script
+                    .send(Ok(Box::new(theirs)))
+                    .map_err(|_| std::io::ErrorKind::ConnectionRefused)?;
+                Ok::<BoxIo, std::io::Error>(Box::new(ours))
+            }
+        });
+        let client = Session::connect(connector, options()).await.unwrap();
+        assert_eq!(started.elapsed(), Duration::from_millis(100), "one pause");
+        let server = listener.accept().await.unwrap();
+        assert_eq!(server.id(), client.id());
+        round_trip(&client, &server, b"after the errors").await;
     })
     .await;
 }

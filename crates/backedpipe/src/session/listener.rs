@@ -53,8 +53,9 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 /// ```
 pub trait Incoming: Send + 'static {
     /// The next transport a client opened; `Some(Err(_))` if accepting one failed (the listener
-    /// logs it and asks again after a short pause); `None` once no transport will ever come
-    /// (the listener then stops taking new ones).
+    /// logs it and asks again, after a short pause unless the error concerns only that
+    /// connection: aborted, reset, refused, interrupted); `None` once no transport will ever
+    /// come (the listener then stops taking new ones).
     fn next(&mut self) -> impl Future<Output = Option<io::Result<BoxIo>>> + Send;
 }
 
@@ -317,6 +318,9 @@ async fn listen<I: Incoming>(mut incoming: I, accepting: Accepting, handshakes: 
                     drop(permit);
                 });
             }
+            Some(Err(err)) if concerns_one_connection(&err) => {
+                tracing::debug!(error = %err, "a connection failed before it was accepted");
+            }
             Some(Err(err)) => {
                 tracing::warn!(error = %err, "accepting a transport failed");
                 tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
@@ -329,6 +333,18 @@ async fn listen<I: Incoming>(mut incoming: I, accepting: Accepting, handshakes: 
     while let Some(done) = tasks.join_next().await {
         reap(done);
     }
+}
+
+/// Whether an accept error concerns only the connection being accepted (its client gave up),
+/// rather than the listener (out of file descriptors, ...), which deserves a pause.
+fn concerns_one_connection(err: &io::Error) -> bool {
+    matches!(
+        err.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::Interrupted
+    )
 }
 
 /// Reports a handshake task that panicked (a bug: handshakes report failures as errors).
