@@ -277,6 +277,9 @@ async fn copy_into_session(
             .await
             .map_err(PumpError::Session)?;
         total += n as u64;
+        // A session that is always ready would otherwise keep the other direction and the
+        // gone signal, polled in the same task, from running.
+        tokio::task::coop::consume_budget().await;
     }
 }
 
@@ -300,6 +303,7 @@ async fn copy_out_of_session(
             .map_err(PumpError::Local)?;
         output.flush().await.map_err(PumpError::Local)?;
         total += n as u64;
+        tokio::task::coop::consume_budget().await;
     }
 }
 

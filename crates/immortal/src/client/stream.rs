@@ -137,6 +137,7 @@ impl StreamConnector {
 impl Connector for StreamConnector {
     async fn connect(&self) -> io::Result<BoxIo> {
         self.open().await.map_err(|err| {
+            tracing::debug!(stream = %self.id, %err, "connecting to the stream failed");
             if err.ends_stream() {
                 tracing::debug!(stream = %self.id, %err, "the stream is gone for good");
                 // The first reason is the one reported.
