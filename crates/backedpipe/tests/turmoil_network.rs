@@ -56,6 +56,8 @@ enum App {
     Exchange { total: u64 },
     /// Read until the session ends, sending nothing.
     Hold,
+    /// Read nothing for this long, then exchange as `Exchange`.
+    LateReader { total: u64, pause: Duration },
 }
 
 /// What the server application saw, for the test to check.
@@ -241,6 +243,18 @@ fn install_server(sim: &mut Sim<'_>, setup: &Setup, app: App, reports: Reports) 
                 tokio::spawn(async move {
                     let outcome = match app {
                         App::Exchange { total } => {
+                            exchange(
+                                &session,
+                                total,
+                                SERVER_SALT,
+                                CLIENT_SALT,
+                                capacity,
+                                Arc::default(),
+                            )
+                            .await
+                        }
+                        App::LateReader { total, pause } => {
+                            tokio::time::sleep(pause).await;
                             exchange(
                                 &session,
                                 total,
@@ -606,6 +620,54 @@ fn a_restarted_server_host_gives_session_unknown_not_a_hang_or_a_retry_loop() ->
         dials_at_failure,
         "the client kept dialling after SessionUnknown"
     );
+    Ok(())
+}
+
+#[test]
+fn a_server_that_stops_reading_holds_the_client_back_without_a_reconnect() -> turmoil::Result {
+    // A capacity above what the server's connection buffers for an application that does not
+    // read, so the server stops reading its transport and the client's frames (its heartbeats
+    // included) queue behind the data: neither side may take that for a dead path.
+    const CAPACITY: usize = 4 * 1024 * 1024;
+    const TOTAL: u64 = 8 * 1024 * 1024;
+    let mut setup = Setup::default_timing();
+    setup.capacity = CAPACITY;
+    setup.options = setup.options.pipe(
+        PipeConfig::default()
+            .buffer_capacity(CAPACITY)
+            .backoff(Duration::from_millis(20), Duration::from_millis(500))
+            .backoff_seed(11),
+    );
+    let mut sim = simulation(6, Duration::from_secs(300));
+    let reports = new_reports();
+    let pause = Duration::from_secs(60);
+    install_server(
+        &mut sim,
+        &setup,
+        App::LateReader {
+            total: TOTAL,
+            pause,
+        },
+        reports.clone(),
+    );
+    let report = Arc::new(Mutex::new(ClientReport::default()));
+    install_transfer_client(
+        &mut sim,
+        &setup,
+        TOTAL,
+        &reports,
+        Arc::default(),
+        report.clone(),
+    );
+    sim.run()?;
+    assert!(sim.elapsed() >= pause, "the server did read late");
+    let client = report.lock().unwrap();
+    assert_identical_both_ways(TOTAL, &client, &reports.borrow());
+    assert_eq!(
+        client.generation, 1,
+        "a reader that stops is not a dead path"
+    );
+    assert_eq!(client.dials, 1);
     Ok(())
 }
 

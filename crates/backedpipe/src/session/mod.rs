@@ -9,7 +9,7 @@
 //! and the wire format in [`proto`](crate::proto).
 //!
 //! The tokio part moves bytes and sleeps: each transport is a [`SessionConn`] with a driver
-//! task; the application holds a [`Session`](crate::Session), made by
+//! task; the application holds a [`Session`], made by
 //! [`Session::connect`](crate::Session::connect) on the client and by
 //! [`SessionServer::accept`](crate::SessionServer::accept) on the server, or handed over by a
 //! [`SessionListener`] that listens.
