@@ -311,6 +311,8 @@ struct ClientReport {
     exchanged: Option<Exchanged>,
     generation: u64,
     dials: usize,
+    /// When (simulated time since the start) the client's session lost its transport.
+    losses: Vec<Duration>,
 }
 
 /// Registers a client that opens a session, exchanges `total` bytes each way with the server
@@ -342,6 +344,23 @@ fn install_transfer_client(
             }
         };
         let id = session.id();
+        // Record when the session notices each transport loss.
+        let losses = Arc::new(Mutex::new(Vec::new()));
+        let mut status = session.status();
+        let watcher = tokio::spawn({
+            let losses = losses.clone();
+            async move {
+                let mut connected = true;
+                while status.changed().await.is_ok() {
+                    let now_connected = matches!(*status.borrow_and_update(), PipeState::Connected);
+                    if connected && !now_connected {
+                        let at = turmoil::sim_elapsed().unwrap_or_default();
+                        losses.lock().unwrap().push(at);
+                    }
+                    connected = now_connected;
+                }
+            }
+        });
         let exchanged = exchange(
             &session,
             total,
@@ -360,7 +379,9 @@ fn install_transfer_client(
             exchanged: Some(exchanged),
             generation: session.pipe().generation(),
             dials: dials.load(Ordering::SeqCst),
+            losses: std::mem::take(&mut *losses.lock().unwrap()),
         };
+        watcher.abort();
         session.close().await?;
         Ok(())
     });
@@ -378,6 +399,25 @@ fn assert_identical_both_ways(total: u64, client: &ClientReport, server: &Server
         [(_, Ok(outcome))] => assert_eq!(outcome.received, total, "bytes the server received"),
         other => panic!("server outcome: {other:?}"),
     }
+}
+
+/// The client noticed the path die `dead_after` after it went silent at `silent_at` (the
+/// last frame arrived at most a few milliseconds before: the transfer was running), not
+/// earlier and not much later.
+fn assert_detected_by_heartbeats(client: &ClientReport, silent_at: Duration) {
+    let dead_after = SessionConfig::default().dead_after;
+    let first_loss = client
+        .losses
+        .iter()
+        .find(|at| **at >= silent_at)
+        .copied()
+        .expect("the client noticed the loss");
+    let noticed = first_loss - silent_at;
+    assert!(
+        noticed + Duration::from_millis(50) >= dead_after
+            && noticed <= dead_after + Duration::from_secs(1),
+        "the dead path was noticed {noticed:?} after it went silent (dead after {dead_after:?})"
+    );
 }
 
 fn new_reports() -> Reports {
@@ -430,6 +470,7 @@ fn a_partition_mid_transfer_then_repair_leaves_identical_bytes_on_both_sides() -
     );
     let client = report.lock().unwrap();
     assert_identical_both_ways(TOTAL, &client, &reports.borrow());
+    assert_detected_by_heartbeats(&client, partitioned_at.unwrap());
     assert!(
         client.generation >= 2,
         "the client resumed after the partition"
@@ -542,6 +583,7 @@ fn a_hold_longer_than_dead_after_is_detected_and_the_pipe_resumes_exactly_once()
     assert!(released, "the transfer ended during the hold");
     let client = report.lock().unwrap();
     assert_identical_both_ways(TOTAL, &client, &reports.borrow());
+    assert_detected_by_heartbeats(&client, held_at.unwrap());
     assert!(
         client.generation >= 2,
         "heartbeats declared the held path dead and the pipe resumed"
