@@ -434,3 +434,29 @@ async fn accept_errors_are_logged_and_the_listener_carries_on() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn dropping_the_listener_stops_accepting_and_cancels_handshakes_in_flight() {
+    guarded_rt(async {
+        let (tcp, addr) = tcp_listener().await;
+        let listener = SessionListener::new(tcp, SessionServer::new(options())).unwrap();
+        // A client whose handshake is in flight (it never sends HELLO; the timeout is an hour).
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        // Once a session has been served, the silent connection's handshake task surely exists.
+        let client = Session::connect(TcpConnector::new(addr), options())
+            .await
+            .unwrap();
+        drop(client);
+        drop(listener);
+        let mut buf = [0u8; 16];
+        match silent.read(&mut buf).await {
+            Ok(0) => {}
+            Err(err) => assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset),
+            Ok(n) => panic!("the server sent {n} bytes to a client that said nothing"),
+        }
+        // The socket went with the listener's task.
+        let refused = TcpStream::connect(addr).await;
+        assert!(refused.is_err(), "the port still accepts connections");
+    })
+    .await;
+}
