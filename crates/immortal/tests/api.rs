@@ -783,3 +783,41 @@ async fn deleting_an_attached_stream_closes_the_client_session() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn stopping_the_agent_closes_every_stream_then_returns() {
+    let token = Token::generate();
+    let config = AgentConfig::new("127.0.0.1:0".parse().unwrap(), token.clone());
+    let agent = Agent::bind(config).await.unwrap();
+    let addr = agent.local_addr();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(agent.run_until(async {
+        let _ = stopped.await;
+    }));
+    // A harness view of the same agent, for its helpers (it does not own this agent's task).
+    let view = Harness {
+        addr,
+        token,
+        events: broadcast::channel(1).1,
+        run: tokio::spawn(async { Ok(()) }),
+    };
+    let port = echo_service().await;
+    let attached = view.create(port).await;
+    let _idle = view.create(port).await;
+    let (session, _link) = view.attach(&attached.id, Carrier::Raw).await;
+    assert_eq!(echo_through(&session, b"x").await, b"x");
+
+    stop.send(()).unwrap();
+    guarded("the agent to stop", run).await.unwrap().unwrap();
+    let err = guarded("the client to see the close", session.read(&mut [0u8; 8]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, backedpipe::Error::ClosedByPeer { .. }),
+        "{err}"
+    );
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "no longer listening"
+    );
+}

@@ -145,3 +145,20 @@ fn a_heartbeat_too_short_is_refused() {
         .code(2)
         .stderr(contains("heartbeat"));
 }
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_stops_the_agent_with_success() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut serve = Serve::start(&["--listen", "127.0.0.1:0"], &dir.path().join("t"));
+    serve.wait_for("listening on");
+    // Ctrl-C is SIGINT.
+    let sent = Command::new("kill")
+        .args(["-INT", &serve.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    serve.wait_for("interrupted");
+    let status = serve.child.wait().unwrap();
+    assert!(status.success(), "{status}; stderr:\n{}", serve.stderr());
+}

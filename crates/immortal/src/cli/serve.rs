@@ -95,13 +95,14 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
         .await
         .map_err(|err| bind_error(args.listen, &err))?;
     tracing::info!("listening on {scheme}://{}", agent.local_addr());
-    tokio::select! {
-        result = agent.run() => result.map_err(|err| CliError::Other(format!("the agent stopped: {err}"))),
-        () = interrupted() => {
-            tracing::info!("interrupted; closing every stream and stopping");
-            Ok(())
-        }
-    }
+    let interrupted = async {
+        interrupted().await;
+        tracing::info!("interrupted; closing every stream and stopping");
+    };
+    agent
+        .run_until(interrupted)
+        .await
+        .map_err(|err| CliError::Other(format!("the agent stopped: {err}")))
 }
 
 /// Tells the person who just started the agent where the new token is and how clients use it.

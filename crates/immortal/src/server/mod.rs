@@ -44,6 +44,10 @@ use crate::token::Token;
 use self::registry::Registry;
 pub use self::registry::{RemovalReason, StreamEvent};
 
+/// How long [`Agent::run_until`] waits for the streams to close once told to stop: enough for
+/// each session's CLOSE to leave (a session waits about a second for that).
+pub const STOP_GRACE: Duration = Duration::from_secs(2);
+
 /// The agent's settings.
 ///
 /// | setting | default ([`AgentConfig::new`]) | why |
@@ -169,11 +173,27 @@ impl Agent {
     /// # Errors
     /// None at present: a failed accept (out of file descriptors, say) is logged and retried.
     pub async fn run(self) -> io::Result<()> {
+        self.run_until(std::future::pending()).await
+    }
+
+    /// Serves until `stop` resolves, then closes every stream (attached clients receive a
+    /// session CLOSE, so they stop instead of trying to resume) and returns once they are
+    /// closed, or after [`STOP_GRACE`] at most. Dropping the future stops everything at once,
+    /// without waiting.
+    ///
+    /// # Errors
+    /// As [`run`](Self::run).
+    pub async fn run_until(self, stop: impl Future<Output = ()>) -> io::Result<()> {
         // Dropping this future (or returning) stops every task the agent started.
         let _stop_all = self.shared.shutdown.clone().drop_guard();
         let router = routes::router(self.shared.clone());
+        let mut stop = std::pin::pin!(stop);
         loop {
-            let (tcp, peer) = match self.listener.accept().await {
+            let accepted = tokio::select! {
+                accepted = self.listener.accept() => accepted,
+                () = &mut stop => break,
+            };
+            let (tcp, peer) = match accepted {
                 Ok(accepted) => accepted,
                 Err(err) => {
                     tracing::warn!(%err, "accept failed; retrying");
@@ -192,6 +212,13 @@ impl Agent {
                 self.shared.shutdown.clone(),
             ));
         }
+        drop(self.listener);
+        self.shared.shutdown.cancel();
+        let closed = self.shared.registry.wait_empty();
+        if tokio::time::timeout(STOP_GRACE, closed).await.is_err() {
+            tracing::warn!("some streams did not close in time");
+        }
+        Ok(())
     }
 }
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use backedpipe::SessionOptions;
 use tokio::net::TcpStream;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::stream::Stream;
@@ -104,6 +104,8 @@ struct Inner {
     streams: Mutex<HashMap<String, Arc<Stream>>>,
     next_serial: AtomicU64,
     events: broadcast::Sender<StreamEvent>,
+    /// The number of streams held, for [`Registry::wait_empty`].
+    count: watch::Sender<usize>,
 }
 
 impl Registry {
@@ -123,6 +125,7 @@ impl Registry {
                 streams: Mutex::new(HashMap::new()),
                 next_serial: AtomicU64::new(0),
                 events: broadcast::channel(EVENT_BACKLOG).0,
+                count: watch::Sender::new(0),
             }),
         }
     }
@@ -187,6 +190,7 @@ impl Registry {
                 None
             };
             table.insert(stream.id().to_owned(), stream.clone());
+            self.inner.count.send_replace(table.len());
             evicted
         };
         if let Some(evicted) = evicted {
@@ -210,7 +214,13 @@ impl Registry {
     /// Removes the stream and stops it, if it is still here; reports it with `reason`.
     /// Returns whether it was here (so exactly one caller sees `true`).
     pub(crate) fn remove(&self, id: &str, reason: RemovalReason) -> bool {
-        let Some(stream) = self.table().remove(id) else {
+        let removed = {
+            let mut table = self.table();
+            let removed = table.remove(id);
+            self.inner.count.send_replace(table.len());
+            removed
+        };
+        let Some(stream) = removed else {
             return false;
         };
         stream.stop();
@@ -220,6 +230,12 @@ impl Registry {
             reason,
         });
         true
+    }
+
+    /// Resolves once no stream is held.
+    pub(crate) async fn wait_empty(&self) {
+        let mut count = self.inner.count.subscribe();
+        let _ = count.wait_for(|&count| count == 0).await;
     }
 
     /// Whether a new stream would fit, evicting if need be.
