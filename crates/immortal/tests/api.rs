@@ -9,7 +9,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use backedpipe::{connector_fn, BoxIo, Connector, Session, SessionOptions};
+use backedpipe::{
+    connector_fn, BoxIo, Connector, Session, SessionOptions, TcpConnector, TlsAcceptor,
+    TlsConnector,
+};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
@@ -18,7 +21,7 @@ use immortal::server::{Agent, AgentConfig, RemovalReason, StreamEvent};
 use immortal::token::Token;
 use immortal::ws_io::WsIo;
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
@@ -35,9 +38,37 @@ async fn guarded<F: Future>(what: &str, future: F) -> F::Output {
     }
 }
 
+/// How a test reaches the agent: plain TCP, or TLS trusting the test certificate.
+#[derive(Clone)]
+struct Dialer {
+    addr: SocketAddr,
+    tls: Option<Arc<TlsConnector<TcpConnector>>>,
+}
+
+impl Dialer {
+    async fn dial(&self) -> std::io::Result<BoxIo> {
+        match &self.tls {
+            None => Ok(Box::new(TcpStream::connect(self.addr).await?)),
+            Some(tls) => tls.connect().await,
+        }
+    }
+}
+
+/// The test certificate (self-signed P-256, for localhost and 127.0.0.1, valid for a century)
+/// and its key, made with `openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1
+/// -nodes -days 36500 -subj /CN=localhost -addext subjectAltName=DNS:localhost,IP:127.0.0.1`.
+/// The key protects nothing: it exists for these tests only.
+fn fixture(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("fixtures")
+        .join(name)
+}
+
 /// A running agent; stopped when dropped.
 struct Harness {
     addr: SocketAddr,
+    tls: Option<Arc<TlsConnector<TcpConnector>>>,
     token: Token,
     events: broadcast::Receiver<StreamEvent>,
     run: JoinHandle<std::io::Result<()>>,
@@ -58,12 +89,19 @@ async fn start(configure: impl FnOnce(&mut AgentConfig)) -> Harness {
     let token = Token::generate();
     let mut config = AgentConfig::new("127.0.0.1:0".parse().unwrap(), token.clone());
     configure(&mut config);
+    let tls_on = config.tls.is_some();
     let agent = Agent::bind(config).await.unwrap();
     let addr = agent.local_addr();
     let events = agent.subscribe();
     let run = tokio::spawn(agent.run());
+    let tls = tls_on.then(|| {
+        let tcp = TcpConnector::new(addr);
+        let tls = TlsConnector::with_pinned_cert(tcp, "localhost", fixture("agent-cert.pem"));
+        Arc::new(tls.unwrap())
+    });
     Harness {
         addr,
+        tls,
         token,
         events,
         run,
@@ -92,6 +130,13 @@ impl Answer {
 }
 
 impl Harness {
+    fn dialer(&self) -> Dialer {
+        Dialer {
+            addr: self.addr,
+            tls: self.tls.clone(),
+        }
+    }
+
     /// Sends one request with the agent's token.
     async fn call(&self, method: &str, path: &str, body: Option<serde_json::Value>) -> Answer {
         let token = self.token.to_hex();
@@ -106,8 +151,8 @@ impl Harness {
         path: &str,
         body: Option<serde_json::Value>,
     ) -> Answer {
-        let tcp = TcpStream::connect(self.addr).await.unwrap();
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        let io = self.dialer().dial().await.unwrap();
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
             .await
             .unwrap();
         tokio::spawn(connection);
@@ -202,19 +247,23 @@ impl Harness {
 
     /// A connector that upgrades a fresh connection to the stream, through `link`.
     fn connector(&self, id: &str, carrier: Carrier, link: Link) -> impl Connector {
-        let addr = self.addr;
+        let dialer = self.dialer();
         let token = self.token.to_hex();
         let id = id.to_owned();
         connector_fn(move || {
-            let (token, id, link) = (token.clone(), id.clone(), link.clone());
+            let (dialer, token, id, link) =
+                (dialer.clone(), token.clone(), id.clone(), link.clone());
             async move {
                 if link.offline.load(Ordering::SeqCst) {
                     return Err(std::io::Error::other("offline"));
                 }
                 link.attempts.fetch_add(1, Ordering::SeqCst);
+                let io = dialer.dial().await?;
                 let io: BoxIo = match carrier {
-                    Carrier::Raw => Box::new(upgrade_raw(addr, &token, &id).await?),
-                    Carrier::WebSocket => Box::new(upgrade_websocket(addr, &token, &id).await?),
+                    Carrier::Raw => Box::new(upgrade_raw_over(io, dialer.addr, &token, &id).await?),
+                    Carrier::WebSocket => {
+                        Box::new(upgrade_websocket(io, dialer.addr, &token, &id).await?)
+                    }
                 };
                 Ok(link.wrap(io))
             }
@@ -272,9 +321,19 @@ impl Link {
     }
 }
 
-/// Opens a connection and upgrades it to the raw session protocol.
+/// Opens a TCP connection and upgrades it to the raw session protocol.
 async fn upgrade_raw(addr: SocketAddr, token: &str, id: &str) -> std::io::Result<TcpStream> {
-    let mut tcp = TcpStream::connect(addr).await?;
+    let tcp = TcpStream::connect(addr).await?;
+    upgrade_raw_over(tcp, addr, token, id).await
+}
+
+/// Upgrades a connection to the raw session protocol.
+async fn upgrade_raw_over<I: AsyncRead + AsyncWrite + Unpin>(
+    mut tcp: I,
+    addr: SocketAddr,
+    token: &str,
+    id: &str,
+) -> std::io::Result<I> {
     let request = format!(
         "GET /v1/streams/{id}/connect HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
          Connection: Upgrade\r\nUpgrade: {UPGRADE_PROTOCOL}\r\n\r\n"
@@ -296,13 +355,13 @@ async fn upgrade_raw(addr: SocketAddr, token: &str, id: &str) -> std::io::Result
     Ok(tcp)
 }
 
-/// Opens a connection and upgrades it to a WebSocket.
+/// Upgrades a connection to a WebSocket.
 async fn upgrade_websocket(
+    tcp: BoxIo,
     addr: SocketAddr,
     token: &str,
     id: &str,
-) -> std::io::Result<WsIo<TcpStream>> {
-    let tcp = TcpStream::connect(addr).await?;
+) -> std::io::Result<WsIo<BoxIo>> {
     let mut request = format!("ws://{addr}/v1/streams/{id}/connect")
         .into_client_request()
         .map_err(std::io::Error::other)?;
@@ -797,6 +856,7 @@ async fn stopping_the_agent_closes_every_stream_then_returns() {
     // A harness view of the same agent, for its helpers (it does not own this agent's task).
     let view = Harness {
         addr,
+        tls: None,
         token,
         events: broadcast::channel(1).1,
         run: tokio::spawn(async { Ok(()) }),
@@ -820,4 +880,31 @@ async fn stopping_the_agent_closes_every_stream_then_returns() {
         TcpStream::connect(addr).await.is_err(),
         "no longer listening"
     );
+}
+
+#[tokio::test]
+async fn over_tls_the_api_and_both_upgrades_work() {
+    let agent = start(|config| {
+        let acceptor =
+            TlsAcceptor::from_pem_files(fixture("agent-cert.pem"), fixture("agent-key.pem"));
+        config.tls = Some(acceptor.unwrap());
+    })
+    .await;
+    let port = echo_service().await;
+    for carrier in [Carrier::Raw, Carrier::WebSocket] {
+        let stream = agent.create(port).await;
+        let (session, _link) = agent.attach(&stream.id, carrier).await;
+        let data = pattern(200 * 1024, 9);
+        assert!(echo_through(&session, &data).await == data, "{carrier:?}");
+        session.close().await.unwrap();
+    }
+    // Plain HTTP to the TLS port gets no answer, only a closed connection.
+    let mut plain = TcpStream::connect(agent.addr).await.unwrap();
+    plain
+        .write_all(b"GET /v1/streams HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = guarded("the agent to hang up", plain.read_to_end(&mut answer)).await;
+    assert!(!String::from_utf8_lossy(&answer).contains("HTTP/1.1 200"));
 }
