@@ -3,8 +3,9 @@
 //! `ssh` talks to a private `sshd` through `ProxyCommand=immortal connect --stdio`, whose
 //! transport runs through a [`ChaosProxy`] to an `immortal serve` agent that dials the sshd.
 //! 64 MiB of random data go each way in one ssh session while the proxy cuts the transport again
-//! and again (resets and black holes), each cut triggered by the proxy's byte counters. The
-//! SHA-256 of what arrived must equal what was sent, in both directions, and ssh must exit 0.
+//! and again (resets, black holes, an offline spell), each cut triggered by the proxy's byte
+//! counters. The SHA-256 of what arrived must equal what was sent, in both directions, and ssh
+//! must exit 0.
 //!
 //! Needs `ssh`, `ssh-keygen` and `/usr/sbin/sshd` (Debian: `openssh-client`,
 //! `openssh-server`; `.ci/run` installs them). Without them the tests fail rather than skip.
@@ -26,8 +27,7 @@ const MIB: usize = 1 << 20;
 const EACH_WAY: usize = 64 * MIB;
 /// A hang fails the test after this long instead of blocking CI.
 const OVERALL: Duration = Duration::from_secs(300);
-/// Cuts the main test makes; it requires at least `MIN_CUTS` of them to land.
-const CUTS: usize = 6;
+/// Cuts that must land before the transfer ends (of the `SCHEDULE`'s six).
 const MIN_CUTS: u64 = 5;
 /// Connections through the proxy the main test requires: the first and one after each cut.
 const MIN_CONNECTIONS: u64 = MIN_CUTS + 1;
@@ -130,40 +130,80 @@ async fn ssh_through_immortal() {
         "only {} connections through the proxy (wanted {MIN_CONNECTIONS}): {stats:?}",
         stats.accepted,
     );
+    assert!(
+        stats.refused >= OFFLINE_REFUSALS,
+        "the client never tried to reconnect while offline: {stats:?}"
+    );
     drop(serve);
 }
 
-/// Cuts the proxy's live connections `CUTS` times, alternating resets and black holes: each cut
-/// once `BETWEEN_CUTS` bytes have passed since the client came back after the previous one.
+/// How the transport is broken, cut after cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cut {
+    /// Reset both sides.
+    Reset,
+    /// Forward nothing more, close nothing (a NAT rebinding, a Wi-Fi change).
+    BlackHole,
+    /// Reset both sides, then refuse new connections until the client has tried
+    /// `OFFLINE_REFUSALS` times (offline for a while).
+    ResetThenOffline,
+}
+
+/// The cuts, in order; the test requires at least `MIN_CUTS` of them to land before the
+/// transfer ends.
+const SCHEDULE: [Cut; 6] = [
+    Cut::Reset,
+    Cut::BlackHole,
+    Cut::ResetThenOffline,
+    Cut::BlackHole,
+    Cut::Reset,
+    Cut::BlackHole,
+];
+/// Reconnection attempts refused during the offline cut.
+const OFFLINE_REFUSALS: u64 = 3;
+
+/// Breaks the proxy's live connections as `SCHEDULE` says, each cut once `BETWEEN_CUTS` bytes
+/// have passed since the client came back after the previous one.
 async fn cut_repeatedly(proxy: Arc<ChaosProxy>, started: Instant) {
     let mut from = 0u64;
-    for i in 0..CUTS {
+    for (i, cut) in SCHEDULE.into_iter().enumerate() {
         let threshold = from + BETWEEN_CUTS;
-        let reset = i % 2 == 0;
         loop {
             proxy
                 .wait_for(|s| s.bytes_total() >= threshold && s.live > 0)
                 .await;
-            let broken = if reset {
-                proxy.cut_reset()
-            } else {
-                proxy.black_hole()
+            let broken = match cut {
+                Cut::Reset => proxy.cut_reset(),
+                Cut::BlackHole => proxy.black_hole(),
+                Cut::ResetThenOffline => {
+                    proxy.set_refuse(true);
+                    proxy.cut_reset()
+                }
             };
             if broken > 0 {
                 break;
             }
             // The live connection ended just before the cut: wait for the next one.
+            proxy.set_refuse(false);
             let accepted = proxy.stats().accepted;
             proxy.wait_for(|s| s.accepted > accepted).await;
         }
         let at = proxy.stats();
         eprintln!(
-            "[test] {:.1?}: cut {} ({}) at {} MiB forwarded",
+            "[test] {:.1?}: cut {} ({cut:?}) at {} MiB forwarded",
             started.elapsed(),
             i + 1,
-            if reset { "reset" } else { "black hole" },
             at.bytes_total() / MIB as u64
         );
+        if cut == Cut::ResetThenOffline {
+            let refused = at.refused + OFFLINE_REFUSALS;
+            proxy.wait_for(|s| s.refused >= refused).await;
+            proxy.set_refuse(false);
+            eprintln!(
+                "[test] {:.1?}: back online after {OFFLINE_REFUSALS} refused attempts",
+                started.elapsed()
+            );
+        }
         // Count from when the client is back on a fresh connection.
         let back: ChaosStats = proxy
             .wait_for(|s| s.accepted > at.accepted && s.live > 0)
@@ -367,11 +407,14 @@ impl SshRun {
             "the download through ssh differs from what was sent (length, SHA-256)"
         );
         let got = std::fs::read(sshd.dir.path().join("up.bin")).expect("read up.bin");
-        assert_eq!(
-            (got.len(), hex::encode(Sha256::digest(&got))),
-            (up.len(), hex::encode(Sha256::digest(up))),
-            "the upload through ssh differs from what was sent (length, SHA-256)"
-        );
+        // Equal bytes have equal hashes; hash only to describe a difference.
+        if got != up {
+            assert_eq!(
+                (got.len(), hex::encode(Sha256::digest(&got))),
+                (up.len(), hex::encode(Sha256::digest(up))),
+                "the upload through ssh differs from what was sent (length, SHA-256)"
+            );
+        }
     }
 }
 
