@@ -1,9 +1,9 @@
 //! The agent: the HTTP server, its stream registry, and the upgrades that carry streams.
 //!
-//! One port speaks HTTP/1.1 (over TLS when configured). [`routes`] is the management API of
-//! `docs/API.md`; [`upgrade`] turns `GET /v1/streams/{id}/connect` into a transport for the
-//! stream's session (raw or in WebSocket messages); [`registry`] holds the streams and enforces
-//! the limit; [`stream`] is one stream's life: the local connection, its session, and the bytes
+//! One port speaks HTTP/1.1 (over TLS when configured). `routes` is the management API of
+//! `docs/API.md`; `upgrade` turns `GET /v1/streams/{id}/connect` into a transport for the
+//! stream's session (raw or in WebSocket messages); `registry` holds the streams and enforces
+//! the limit; `stream` is one stream's life: the local connection, its session, and the bytes
 //! carried between them. This file owns the listener and the per-connection tasks, and nothing
 //! of what the requests mean.
 //!

@@ -47,6 +47,12 @@ impl ApiFailure {
         }
     }
 
+    /// The failure's code.
+    #[cfg(test)]
+    pub(crate) fn code(&self) -> ErrorCode {
+        self.code
+    }
+
     /// 404 for an id the agent does not hold.
     pub(crate) fn stream_not_found(id: &str) -> ApiFailure {
         ApiFailure::new(
@@ -203,4 +209,31 @@ async fn wrong_method(_auth: Authorized) -> ApiFailure {
         ErrorCode::MethodNotAllowed,
         "this endpoint does not take that method; see docs/API.md",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("bearer  abc "), Some("abc"));
+        assert_eq!(bearer_token("BEARER abc"), Some("abc"));
+        assert_eq!(bearer_token("Basic abc"), None);
+        assert_eq!(bearer_token("Bearer"), None);
+        assert_eq!(bearer_token("abc"), None);
+    }
+
+    #[test]
+    fn every_failure_has_its_codes_status_and_the_json_shape() {
+        let response = ApiFailure::new(ErrorCode::TooManyStreams, "full").into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let response = ApiFailure::new(ErrorCode::Unauthorized, "no").into_response();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            response.headers().get(header::WWW_AUTHENTICATE).unwrap(),
+            "Bearer"
+        );
+    }
 }

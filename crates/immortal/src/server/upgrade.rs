@@ -295,3 +295,86 @@ impl AsyncWrite for Replay {
         Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(
+                header::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        map
+    }
+
+    #[test]
+    fn the_upgrade_headers_choose_the_carrier() {
+        let raw = headers(&[
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "Immortal-Session/1"),
+        ]);
+        assert_eq!(carrier(&raw).unwrap(), Carrier::Raw);
+        let ws = headers(&[("connection", "upgrade"), ("upgrade", "websocket")]);
+        assert_eq!(carrier(&ws).unwrap(), Carrier::WebSocket);
+        for bad in [
+            headers(&[("upgrade", "websocket")]),
+            headers(&[("connection", "upgrade")]),
+            headers(&[("connection", "upgrade"), ("upgrade", "h2c")]),
+            headers(&[]),
+        ] {
+            assert_eq!(carrier(&bad).unwrap_err().code(), ErrorCode::BadRequest);
+        }
+    }
+
+    #[test]
+    fn a_websocket_upgrade_needs_version_13_and_a_key() {
+        let good = headers(&[
+            ("sec-websocket-version", "13"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ]);
+        assert_eq!(websocket_key(&good).unwrap(), "dGhlIHNhbXBsZSBub25jZQ==");
+        let old = headers(&[("sec-websocket-version", "8"), ("sec-websocket-key", "x")]);
+        assert!(websocket_key(&old).is_err());
+        let keyless = headers(&[("sec-websocket-version", "13")]);
+        assert!(websocket_key(&keyless).is_err());
+    }
+
+    #[tokio::test]
+    async fn the_hello_is_read_again_by_the_handshake() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let hello = Frame::hello_new().to_vec();
+        client.write_all(&hello).await.unwrap();
+        client.write_all(b"more").await.unwrap();
+        let mut io: BoxIo = Box::new(server);
+        let (is_new, peeked) = read_hello(&mut io).await.unwrap();
+        assert!(is_new);
+        let mut replay = Replay {
+            prefix: Bytes::from(peeked),
+            io,
+        };
+        let mut again = vec![0u8; hello.len() + 4];
+        replay.read_exact(&mut again).await.unwrap();
+        assert_eq!(&again[..hello.len()], &hello[..]);
+        assert_eq!(&again[hello.len()..], b"more");
+    }
+
+    #[tokio::test]
+    async fn anything_but_a_new_session_hello_goes_to_the_handshake_as_it_is() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut io: BoxIo = Box::new(server);
+        let (is_new, peeked) = read_hello(&mut io).await.unwrap();
+        assert!(!is_new);
+        assert!(!peeked.is_empty());
+        drop(client);
+        let mut io: BoxIo = Box::new(tokio::io::empty());
+        assert!(
+            read_hello(&mut io).await.is_err(),
+            "end of stream before a hello"
+        );
+    }
+}
