@@ -94,9 +94,11 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
     let agent = Agent::bind(config)
         .await
         .map_err(|err| bind_error(args.listen, &err))?;
+    let stop =
+        stop_signal().map_err(|err| CliError::Other(format!("cannot handle Ctrl-C: {err}")))?;
     tracing::info!("listening on {scheme}://{}", agent.local_addr());
     let interrupted = async {
-        interrupted().await;
+        stop.await;
         tracing::info!("interrupted; closing every stream and stopping");
     };
     agent
@@ -145,27 +147,29 @@ fn parse_heartbeat(text: &str) -> Result<Duration, String> {
     Ok(duration)
 }
 
-/// Resolves on Ctrl-C, or on SIGTERM where there is such a thing.
-async fn interrupted() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            // No signal handling: serve until killed.
-            std::future::pending::<()>().await;
-        }
-    };
+/// A future that resolves on Ctrl-C (SIGINT), or SIGTERM where there is such a thing. The
+/// handlers are installed before this returns, so a signal sent as soon as the agent says it is
+/// listening is caught rather than killing the process.
+fn stop_signal() -> io::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut terminate) => {
-                tokio::select! {
-                    () = ctrl_c => {}
-                    _ = terminate.recv() => {}
-                }
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        let mut terminate = signal(SignalKind::terminate())?;
+        Ok(async move {
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = terminate.recv() => {}
             }
-            Err(_) => ctrl_c.await,
-        }
+        })
     }
     #[cfg(not(unix))]
-    ctrl_c.await;
+    {
+        Ok(async {
+            if tokio::signal::ctrl_c().await.is_err() {
+                // No signal handling: serve until killed.
+                std::future::pending::<()>().await;
+            }
+        })
+    }
 }
