@@ -274,8 +274,12 @@ async fn accept_loop(
         };
         let client = match accepted {
             Ok((client, _)) => client,
-            // Resource exhaustion or a connection aborted before we took it: try the next one.
-            Err(_) => continue,
+            // A connection aborted before we took it, or resource exhaustion: try the next one,
+            // letting the other tasks (which may free descriptors) run first.
+            Err(_) => {
+                tokio::task::yield_now().await;
+                continue;
+            }
         };
         if *shared.refuse.borrow() {
             reset(client);
@@ -340,13 +344,17 @@ impl Conn {
     ) {
         let _ = client.set_nodelay(true);
         let dialled = tokio::select! {
-            dialled = TcpStream::connect(self.shared.upstream) => dialled,
-            _ = mode.wait_for(|m| *m != Mode::Forward) => {
-                // Cut before the upstream answered: whatever the cut, the client sees it fail.
-                reset(client);
-                return;
-            }
+            dialled = TcpStream::connect(self.shared.upstream) => Some(dialled),
+            _ = changed_from_forward(&mut mode) => None,
             _ = shutdown.changed() => return,
+        };
+        let Some(dialled) = dialled else {
+            // Cut before the upstream answered: the dial is abandoned, the client reset now or
+            // held like any black-holed connection.
+            if held_until_reset(&mut mode, &mut shutdown).await {
+                reset(client);
+            }
+            return;
         };
         let mut upstream = match dialled {
             Ok(upstream) => upstream,
@@ -365,7 +373,7 @@ impl Conn {
             let down = pump(upstream_r, client_w, shared, |s, n| s.bytes_down += n);
             tokio::select! {
                 done = async { tokio::try_join!(up, down) } => Ended::Done(done.is_ok()),
-                _ = mode.wait_for(|m| *m != Mode::Forward) => Ended::Told,
+                _ = changed_from_forward(&mut mode) => Ended::Told,
                 _ = shutdown.changed() => Ended::Shutdown,
             }
         };
@@ -378,18 +386,30 @@ impl Conn {
                 reset(upstream);
             }
             Ended::Told => {
-                // Held until told to reset or the proxy goes away, reading and writing nothing.
-                let resetting = tokio::select! {
-                    r = mode.wait_for(|m| *m == Mode::Reset) => r.is_ok(),
-                    _ = shutdown.changed() => false,
-                };
-                if resetting {
+                if held_until_reset(&mut mode, &mut shutdown).await {
                     reset(client);
                     reset(upstream);
                 }
             }
             Ended::Shutdown => {}
         }
+    }
+}
+
+/// Waits until a cut (hold or reset) is ordered, or the order can no longer come.
+async fn changed_from_forward(mode: &mut watch::Receiver<Mode>) {
+    let _ = mode.wait_for(|m| *m != Mode::Forward).await;
+}
+
+/// Waits, reading and writing nothing, until the connection is to be reset (true) or the proxy
+/// goes away (false). Returns at once if the reset was already ordered.
+async fn held_until_reset(
+    mode: &mut watch::Receiver<Mode>,
+    shutdown: &mut watch::Receiver<()>,
+) -> bool {
+    tokio::select! {
+        r = mode.wait_for(|m| *m == Mode::Reset) => r.is_ok(),
+        _ = shutdown.changed() => false,
     }
 }
 
