@@ -280,3 +280,59 @@ async fn dial(port: u16) -> Result<TcpStream, CreateError> {
         ))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stream(serial: u64) -> Arc<Stream> {
+        let options = SessionOptions::default();
+        Stream::new(serial, 1000, None, options, CancellationToken::new()).0
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_stream_idle_longest_is_evicted_first() {
+        let second = Duration::from_secs(1);
+        let a = stream(0);
+        tokio::time::advance(second).await;
+        let b = stream(1);
+        tokio::time::advance(second).await;
+        let c = stream(2);
+        let table: HashMap<String, Arc<Stream>> = [&a, &b, &c]
+            .into_iter()
+            .map(|s| (s.id().to_owned(), s.clone()))
+            .collect();
+        assert_eq!(oldest_disconnected(&table).as_deref(), Some(a.id()));
+        // `a` had a client until after `b` was created: `b` has been idle longest.
+        a.set_connected(true);
+        tokio::time::advance(second).await;
+        a.set_connected(false);
+        assert_eq!(oldest_disconnected(&table).as_deref(), Some(b.id()));
+        // Streams with a client attached are never evicted.
+        b.set_connected(true);
+        assert_eq!(oldest_disconnected(&table).as_deref(), Some(c.id()));
+        c.set_connected(true);
+        assert_eq!(oldest_disconnected(&table).as_deref(), Some(a.id()));
+        a.set_connected(true);
+        assert_eq!(oldest_disconnected(&table), None);
+    }
+
+    #[test]
+    fn a_stream_reports_its_connections() {
+        let s = stream(0);
+        assert!(s.set_connected(false).is_none(), "no change, no event");
+        assert!(matches!(
+            s.set_connected(true),
+            Some(StreamEvent::Connected { .. })
+        ));
+        assert!(matches!(
+            s.set_connected(false),
+            Some(StreamEvent::Disconnected { .. })
+        ));
+        let info = s.info();
+        assert!(!info.connected);
+        assert!(info.last_connected_at.is_some());
+        assert!(info.last_disconnected_at.is_some());
+        assert_eq!(info.name, format!("port-1000-{}", &info.id[..6]));
+    }
+}

@@ -282,7 +282,7 @@ impl Stream {
     }
 
     /// Records a connection state; returns the event to report if it changed.
-    fn set_connected(&self, connected: bool) -> Option<StreamEvent> {
+    pub(crate) fn set_connected(&self, connected: bool) -> Option<StreamEvent> {
         let mut status = self.status();
         if status.connected == connected {
             return None;
