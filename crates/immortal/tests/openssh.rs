@@ -32,7 +32,7 @@ const MIN_CUTS: u64 = 5;
 /// Connections through the proxy the main test requires: the first and one after each cut.
 const MIN_CONNECTIONS: u64 = MIN_CUTS + 1;
 /// Bytes (both directions together) forwarded on a fresh connection before the next cut.
-const BETWEEN_CUTS: u64 = 16 * MIB as u64;
+const BETWEEN_CUTS: u64 = 10 * MIB as u64;
 
 const SSHD: &str = "/usr/sbin/sshd";
 const INSTALL_HINT: &str = "this test needs a real OpenSSH: install openssh-server and \
@@ -168,10 +168,13 @@ async fn cut_repeatedly(proxy: Arc<ChaosProxy>, started: Instant) {
     let mut from = 0u64;
     for (i, cut) in SCHEDULE.into_iter().enumerate() {
         let threshold = from + BETWEEN_CUTS;
-        loop {
+        let before = loop {
             proxy
                 .wait_for(|s| s.bytes_total() >= threshold && s.live > 0)
                 .await;
+            // Taken before the cut: a connection accepted after this is either broken by the
+            // cut or a fresh one after it.
+            let before = proxy.stats();
             let broken = match cut {
                 Cut::Reset => proxy.cut_reset(),
                 Cut::BlackHole => proxy.black_hole(),
@@ -181,13 +184,12 @@ async fn cut_repeatedly(proxy: Arc<ChaosProxy>, started: Instant) {
                 }
             };
             if broken > 0 {
-                break;
+                break before;
             }
             // The live connection ended just before the cut: wait for the next one.
             proxy.set_refuse(false);
-            let accepted = proxy.stats().accepted;
-            proxy.wait_for(|s| s.accepted > accepted).await;
-        }
+            proxy.wait_for(|s| s.accepted > before.accepted).await;
+        };
         let at = proxy.stats();
         eprintln!(
             "[test] {:.1?}: cut {} ({cut:?}) at {} MiB forwarded",
@@ -196,7 +198,7 @@ async fn cut_repeatedly(proxy: Arc<ChaosProxy>, started: Instant) {
             at.bytes_total() / MIB as u64
         );
         if cut == Cut::ResetThenOffline {
-            let refused = at.refused + OFFLINE_REFUSALS;
+            let refused = before.refused + OFFLINE_REFUSALS;
             proxy.wait_for(|s| s.refused >= refused).await;
             proxy.set_refuse(false);
             eprintln!(
@@ -206,7 +208,7 @@ async fn cut_repeatedly(proxy: Arc<ChaosProxy>, started: Instant) {
         }
         // Count from when the client is back on a fresh connection.
         let back: ChaosStats = proxy
-            .wait_for(|s| s.accepted > at.accepted && s.live > 0)
+            .wait_for(|s| s.accepted > before.accepted && s.live > 0)
             .await;
         eprintln!(
             "[test] {:.1?}: reconnected (connection {})",
