@@ -63,9 +63,6 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
     };
     let (token, generated) =
         Token::load_or_generate(&token_path).map_err(|err| CliError::Other(err.to_string()))?;
-    if generated {
-        print_token_hint(&token_path, args.listen);
-    }
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(
             TlsAcceptor::from_pem_files(cert, key)
@@ -91,9 +88,19 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
     } else {
         "http"
     };
-    let agent = Agent::bind(config)
-        .await
-        .map_err(|err| bind_error(args.listen, &err))?;
+    let agent = match Agent::bind(config).await {
+        Ok(agent) => agent,
+        Err(err) => {
+            if generated {
+                // Said now or never: the next start finds the token and says nothing.
+                print_token_hint(&token_path, args.listen);
+            }
+            return Err(bind_error(args.listen, &err));
+        }
+    };
+    if generated {
+        print_token_hint(&token_path, agent.local_addr());
+    }
     let stop =
         stop_signal().map_err(|err| CliError::Other(format!("cannot handle Ctrl-C: {err}")))?;
     tracing::info!("listening on {scheme}://{}", agent.local_addr());
@@ -108,12 +115,22 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
 }
 
 /// Tells the person who just started the agent where the new token is and how clients use it.
-fn print_token_hint(path: &Path, listen: SocketAddr) {
+fn print_token_hint(path: &Path, listening: SocketAddr) {
+    let server = if listening.ip().is_unspecified() {
+        format!("HOST:{}", listening.port())
+    } else {
+        listening.to_string()
+    };
+    let where_clients_look = if Token::default_path().as_deref() == Some(path) {
+        "Clients run by you on this host find it there by default."
+    } else {
+        "Clients on this host need --token-file to find it there."
+    };
     let path = path.display();
     eprintln!(
         "immortal: generated a new token in {path} (readable only by you).\n\
-         Clients on this host find it there by default. Elsewhere, copy it and run, e.g.\n\
-         \n    IMMORTAL_TOKEN=$(cat {path}) immortal ls --server {listen}\n\
+         {where_clients_look} Elsewhere, copy it and run, e.g.\n\
+         \n    IMMORTAL_TOKEN=$(cat {path}) immortal ls --server {server}\n\
          \nor pass --token-file {path}."
     );
 }
