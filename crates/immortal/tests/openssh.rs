@@ -74,28 +74,28 @@ async fn ssh_through_immortal() {
 
     // The agent, in front of the sshd.
     let token_file = sshd.dir.path().join("token");
-    let agent_port = free_port();
     let mut serve = Command::new(immortal);
     serve
         .arg("serve")
         .arg("--listen")
-        .arg(format!("127.0.0.1:{agent_port}"))
+        .arg("127.0.0.1:0")
         .arg("--token-file")
         .arg(&token_file)
         .arg("--heartbeat")
         .arg("1s");
     quiet_env(&mut serve);
     let mut serve = Logged::spawn("serve", serve);
-    serve
-        .wait_line(
-            |l| l.contains("listening on"),
-            "the agent's \"listening on\" line",
-        )
-        .await;
+    let listening = serve
+        .wait_line(|l| l.contains("listening on"))
+        .await
+        .unwrap_or_else(|stderr| {
+            panic!("serve ended before printing \"listening on\"; its stderr:\n{stderr}")
+        });
+    let agent = listening_addr(&listening)
+        .unwrap_or_else(|| panic!("no address in serve's line {listening:?}"));
     assert!(token_file.exists(), "serve did not write its token file");
 
     // The proxy between the client and the agent, and the cuts it makes.
-    let agent = SocketAddr::from((Ipv4Addr::LOCALHOST, agent_port));
     let proxy = Arc::new(ChaosProxy::start(agent).await.expect("start proxy"));
     let cutter = tokio::spawn(cut_repeatedly(Arc::clone(&proxy), started));
 
@@ -255,38 +255,23 @@ impl Sshd {
             let _ = std::fs::create_dir_all("/run/sshd");
         }
 
-        let port = free_port();
-        let d = dir.path().display();
-        let config = format!(
-            "ListenAddress 127.0.0.1\n\
-             Port {port}\n\
-             HostKey {d}/host_key\n\
-             AuthorizedKeysFile {d}/authorized_keys\n\
-             PidFile {d}/sshd.pid\n\
-             UsePAM no\n\
-             StrictModes no\n\
-             PubkeyAuthentication yes\n\
-             PasswordAuthentication no\n\
-             KbdInteractiveAuthentication no\n\
-             PermitRootLogin prohibit-password\n\
-             AllowTcpForwarding no\n\
-             X11Forwarding no\n\
-             PrintMotd no\n\
-             PrintLastLog no\n\
-             LogLevel INFO\n"
-        );
         let config_path = dir.path().join("sshd_config");
-        std::fs::write(&config_path, config).expect("write sshd_config");
-
-        let mut cmd = Command::new(SSHD);
-        cmd.arg("-D").arg("-e").arg("-f").arg(&config_path);
-        let mut child = Logged::spawn("sshd", cmd);
-        child
-            .wait_line(
-                |l| l.contains("Server listening"),
-                "sshd's \"Server listening\" line",
-            )
-            .await;
+        // A port found free may be taken before sshd binds it: then try another.
+        let mut attempts = 0;
+        let (port, child) = loop {
+            let port = free_port();
+            std::fs::write(&config_path, sshd_config(dir.path(), port)).expect("write sshd_config");
+            let mut cmd = Command::new(SSHD);
+            cmd.arg("-D").arg("-e").arg("-f").arg(&config_path);
+            let mut child = Logged::spawn("sshd", cmd);
+            match child.wait_line(|l| l.contains("Server listening")).await {
+                Ok(_) => break (port, child),
+                Err(stderr) if attempts < 3 && stderr.contains("Bind to port") => attempts += 1,
+                Err(stderr) => {
+                    panic!("sshd ended before printing \"Server listening\"; its stderr:\n{stderr}")
+                }
+            }
+        };
         Sshd {
             dir,
             port,
@@ -383,6 +368,30 @@ impl Sshd {
     }
 }
 
+/// A minimal sshd configuration: loopback only, keys and state in `dir`, public-key login only,
+/// nothing from the system's configuration.
+fn sshd_config(dir: &Path, port: u16) -> String {
+    let d = dir.display();
+    format!(
+        "ListenAddress 127.0.0.1\n\
+         Port {port}\n\
+         HostKey {d}/host_key\n\
+         AuthorizedKeysFile {d}/authorized_keys\n\
+         PidFile {d}/sshd.pid\n\
+         UsePAM no\n\
+         StrictModes no\n\
+         PubkeyAuthentication yes\n\
+         PasswordAuthentication no\n\
+         KbdInteractiveAuthentication no\n\
+         PermitRootLogin prohibit-password\n\
+         AllowTcpForwarding no\n\
+         X11Forwarding no\n\
+         PrintMotd no\n\
+         PrintLastLog no\n\
+         LogLevel INFO\n"
+    )
+}
+
 /// What one ssh session did.
 struct SshRun {
     status: ExitStatus,
@@ -458,19 +467,16 @@ impl Logged {
         }
     }
 
-    /// Waits for a stderr line matching `pred`; fails if the process closes stderr (exits)
-    /// first.
-    async fn wait_line(&mut self, pred: impl Fn(&str) -> bool, what: &str) {
+    /// Waits for a stderr line matching `pred` and returns it (escape sequences removed);
+    /// fails with the whole stderr if the process closes it (exits) first.
+    async fn wait_line(&mut self, pred: impl Fn(&str) -> bool) -> Result<String, String> {
         while let Some(line) = self.lines.recv().await {
-            if pred(&strip_ansi(&line)) {
-                return;
+            let line = strip_ansi(&line);
+            if pred(&line) {
+                return Ok(line);
             }
         }
-        panic!(
-            "{} ended before printing {what}; its stderr:\n{}",
-            self.name,
-            self.all.lock().map(|l| l.join("\n")).unwrap_or_default()
-        );
+        Err(self.all.lock().map(|l| l.join("\n")).unwrap_or_default())
     }
 
     fn dump(&self) {
@@ -506,6 +512,14 @@ fn quiet_env(cmd: &mut Command) {
     cmd.env("NO_COLOR", "1")
         .env_remove("IMMORTAL_TOKEN")
         .env_remove("IMMORTAL_SERVER");
+}
+
+/// The address in a line like `... listening on http://127.0.0.1:7400`.
+fn listening_addr(line: &str) -> Option<SocketAddr> {
+    let rest = &line[line.find("listening on ")? + "listening on ".len()..];
+    let addr = rest.split_whitespace().next()?;
+    let addr = addr.rsplit("://").next()?.trim_end_matches('/');
+    addr.parse().ok()
 }
 
 fn strip_ansi(line: &str) -> String {
