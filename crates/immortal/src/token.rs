@@ -216,7 +216,15 @@ fn write_new_file(path: &Path, contents: &[u8]) -> io::Result<()> {
     let result = write_private(&temp, contents).and_then(|()| std::fs::hard_link(&temp, path));
     // The link (or the failure) leaves the temporary name with nothing left to do.
     let _ = std::fs::remove_file(&temp);
-    result
+    match result {
+        Err(err) if err.kind() != io::ErrorKind::AlreadyExists => {
+            // No hard links here (some network and FUSE file systems): create the file in
+            // place, still never overwriting; a reader racing the write may see it short.
+            tracing::debug!(%err, "cannot link the token file into place; writing it directly");
+            write_private(path, contents)
+        }
+        result => result,
+    }
 }
 
 /// Creates `path` (which must not exist) with mode 0600 and writes `contents`, synced.
