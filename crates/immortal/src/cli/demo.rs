@@ -70,7 +70,7 @@ pub async fn run(args: DemoArgs) -> Result<(), CliError> {
     let started = Instant::now();
     let counters = Arc::new(Counters::default());
     let token = Token::try_generate().map_err(|err| CliError::Other(err.to_string()))?;
-    let remote = Remote::start(token.clone(), total, counters.clone()).await?;
+    let mut remote = Remote::start(token.clone(), total, counters.clone()).await?;
     let proxy = ChaosProxy::start(remote.agent)
         .await
         .map_err(|err| other("cannot start the cutting proxy", err))?;
@@ -122,8 +122,13 @@ pub async fn run(args: DemoArgs) -> Result<(), CliError> {
         stalled = watch_progress(&counters, &progress, &cuts, &reconnects) => Err(stalled),
     };
     let (sent_hash, (received, received_hash)) = outcome?;
+    // The client has sent its FIN, but the agent may not have it yet (a cut can hold it up):
+    // close only once the service has seen the end, or CLOSE could overtake it; and stop the
+    // agent only after that.
+    let service = remote.report().await;
     let _ = session.close().await;
-    let service = remote.finish().await?;
+    remote.stop_now();
+    let service = service?;
     progress.update(&counters, &cuts, &reconnects);
     progress.finish();
 
@@ -211,7 +216,6 @@ struct Remote {
     service_port: u16,
     report: oneshot::Receiver<std::io::Result<ServiceReport>>,
     stop: Option<oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 /// What the service sent and received.
@@ -227,7 +231,7 @@ impl Remote {
         let (ready_tx, ready_rx) = oneshot::channel();
         let (report_tx, report) = oneshot::channel();
         let (stop, stop_rx) = oneshot::channel();
-        let thread = std::thread::Builder::new()
+        std::thread::Builder::new()
             .name("immortal-demo-remote".into())
             .spawn(move || remote_host(token, total, counters, ready_tx, report_tx, stop_rx))
             .map_err(|err| other("cannot start the agent's thread", err))?;
@@ -240,41 +244,33 @@ impl Remote {
             service_port,
             report,
             stop: Some(stop),
-            thread: Some(thread),
         })
     }
 
-    /// Waits for the service's report, then stops the remote host.
-    async fn finish(mut self) -> Result<ServiceReport, CliError> {
-        let report = tokio::time::timeout(STALL_LIMIT, &mut self.report).await;
-        let report = match report {
+    /// Waits for the service's report (the agent keeps serving).
+    async fn report(&mut self) -> Result<ServiceReport, CliError> {
+        match tokio::time::timeout(STALL_LIMIT, &mut self.report).await {
             Ok(Ok(Ok(report))) => Ok(report),
             Ok(Ok(Err(err))) => Err(other("the service failed", err)),
             Ok(Err(_)) => Err(CliError::Other("the agent's thread stopped".into())),
             Err(_) => Err(CliError::Other(
                 "the service never saw the end of the client's data".into(),
             )),
-        };
-        self.stop_now();
-        report
+        }
     }
 
+    /// Tells the remote host to stop: its runtime ends, dropping the agent and the service.
+    /// The thread is not joined (that would block this runtime); it ends by itself.
     fn stop_now(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
         }
     }
 }
 
 impl Drop for Remote {
     fn drop(&mut self) {
-        // Only the signal here: joining could block a runtime thread.
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
+        self.stop_now();
     }
 }
 
@@ -338,17 +334,18 @@ fn remote_host(
                 received_hash,
             })
         };
+        let reporting = async {
+            let _ = report.send(serve.await);
+            // Keep the agent serving until the client has closed its side.
+            let _ = stop.await;
+        };
         tokio::select! {
             result = agent.run() => {
                 if let Err(err) = result {
                     tracing::warn!(%err, "the demo's agent stopped");
                 }
             }
-            result = serve => {
-                let _ = report.send(result);
-                // Keep the agent serving until the client has closed its side.
-                let _ = stop.await;
-            }
+            () = reporting => {}
         }
     });
 }
