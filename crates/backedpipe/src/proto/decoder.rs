@@ -1,7 +1,7 @@
 //! The streaming frame decoder: bytes in arbitrary chunks in, whole frames out, with a hard
 //! maximum on what one frame can make it buffer.
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 
 use super::error::{DecodeError, TruncatedFrame};
 use super::frame::{Frame, FrameHeader, FrameType, HEADER_LEN};
@@ -130,8 +130,10 @@ impl FrameDecoder {
                 ReadState::Payload { header } => {
                     let len = header.length as usize;
                     if self.buf.len() < len {
-                        // Reserve for the rest of this frame only (bounded by the maximum).
-                        self.buf.reserve(len - self.buf.len());
+                        // No reservation here: `push` grows the buffer as bytes come, and a
+                        // driver reading into `receive_buffer` sizes its own reads (reserving
+                        // for a whole payload would copy the bytes held whenever earlier
+                        // payloads still share the allocation).
                         return Ok(None);
                     }
                     let payload = self.buf.split_to(len).freeze();
@@ -140,6 +142,61 @@ impl FrameDecoder {
                 }
             }
         }
+    }
+
+    /// How many more bytes complete the header or the frame being decoded: a reader that wants
+    /// no byte past the current frame reads at most this many. Zero when a whole header or frame
+    /// is already held (call [`next_frame`](Self::next_frame)) and once the decoder has failed.
+    ///
+    /// ```
+    /// use backedpipe::proto::{Frame, FrameDecoder};
+    ///
+    /// let mut decoder = FrameDecoder::new();
+    /// assert_eq!(decoder.wanted(), 5); // a header
+    /// decoder.push(&Frame::ack(1).to_vec()[..5]);
+    /// assert_eq!(decoder.next_frame().unwrap(), None);
+    /// assert_eq!(decoder.wanted(), 8); // the ACK's payload
+    /// ```
+    pub fn wanted(&self) -> usize {
+        match self.state {
+            ReadState::Header => HEADER_LEN.saturating_sub(self.buf.len()),
+            ReadState::Payload { header } => {
+                (header.length as usize).saturating_sub(self.buf.len())
+            }
+            ReadState::Failed => 0,
+        }
+    }
+
+    /// After [`next_frame`](Self::next_frame) returned `Ok(None)` inside a DATA frame: hands
+    /// over the payload bytes held so far and how many more are still to come, and moves on to
+    /// the next frame's header. The caller then takes exactly that many bytes of the stream
+    /// itself (straight into its own buffer) before pushing anything more here, so a large
+    /// payload is never buffered by the decoder. `None` in any other state.
+    ///
+    /// ```
+    /// use backedpipe::proto::{Frame, FrameDecoder};
+    ///
+    /// let wire = Frame::data(&b"hello"[..]).to_vec();
+    /// let mut decoder = FrameDecoder::new();
+    /// decoder.push(&wire[..7]); // the header and "he"
+    /// assert_eq!(decoder.next_frame().unwrap(), None);
+    /// let (held, rest) = decoder.take_partial_data().unwrap();
+    /// assert_eq!((&held[..], rest), (&b"he"[..], 3));
+    /// decoder.push(&Frame::fin().to_vec()); // after the caller has read "llo" itself
+    /// assert_eq!(decoder.next_frame().unwrap(), Some(Frame::fin()));
+    /// ```
+    pub fn take_partial_data(&mut self) -> Option<(Bytes, usize)> {
+        let ReadState::Payload { header } = self.state else {
+            return None;
+        };
+        let len = header.length as usize;
+        if header.frame_type != FrameType::Data || self.buf.len() >= len {
+            return None;
+        }
+        let held = self.buf.split().freeze();
+        self.state = ReadState::Header;
+        let rest = len - held.len();
+        Some((held, rest))
     }
 
     /// How many received bytes are held that do not yet form a whole frame (after
