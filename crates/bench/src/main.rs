@@ -5,6 +5,7 @@
 
 mod pin;
 mod rig;
+mod session;
 mod stats;
 
 use std::time::{Duration, Instant};
@@ -15,6 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use rig::Rig;
+use session::SessionRig;
 use stats::{median, ratio_median};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -33,14 +35,26 @@ struct Cli {
     #[arg(long, global = true)]
     json: bool,
     /// Wire mode of the pipe.
-    #[arg(long, global = true, value_enum, default_value_t = Mode::Raw)]
+    #[arg(long, global = true, value_enum, default_value_t = Mode::Session)]
     mode: Mode,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Mode {
+    /// The framed session protocol (acks, heartbeats, authenticated resume): a `Session`
+    /// client over a `TcpConnector`, a `SessionServer` accepting.
+    Session,
     /// The Go-compatible raw byte stream.
     Raw,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Session => "session",
+            Mode::Raw => "raw",
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -56,7 +70,7 @@ enum Bench {
         /// CPUs the process may use (1 pins every thread to one CPU, the stable measure).
         #[arg(long, default_value_t = 1)]
         cpus: usize,
-        /// Replay-buffer capacity of each pipe.
+        /// Replay-buffer capacity of each pipe (in session mode, the most unacknowledged bytes).
         #[arg(long, default_value_t = backedpipe::DEFAULT_BUFFER_SIZE)]
         capacity: usize,
     },
@@ -89,7 +103,7 @@ fn main() -> Result<(), BoxError> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let Mode::Raw = cli.mode;
+    let mode = cli.mode;
     let report = runtime.block_on(async {
         match cli.bench {
             Bench::Throughput {
@@ -97,9 +111,9 @@ fn main() -> Result<(), BoxError> {
                 pairs,
                 cpus,
                 capacity,
-            } => throughput(bytes, pairs, cpus, capacity).await,
-            Bench::Reconnect { samples } => reconnect(samples).await,
-            Bench::Memory { pairs } => memory(pairs).await,
+            } => throughput(mode, bytes, pairs, cpus, capacity).await,
+            Bench::Reconnect { samples } => reconnect(mode, samples).await,
+            Bench::Memory { pairs } => memory(mode, pairs).await,
         }
     })?;
     if cli.json {
@@ -116,6 +130,7 @@ struct Report {
 }
 
 async fn throughput(
+    mode: Mode,
     bytes: u64,
     pairs: usize,
     cpus: usize,
@@ -125,7 +140,10 @@ async fn throughput(
     let mut pipe = Vec::new();
     for i in 0..=pairs {
         let r = raw_throughput(bytes).await?;
-        let p = pipe_throughput(bytes, capacity).await?;
+        let p = match mode {
+            Mode::Session => session_throughput(bytes, capacity).await?,
+            Mode::Raw => pipe_throughput(bytes, capacity).await?,
+        };
         eprintln!(
             "pair {i}: raw {r:.0} MB/s, pipe {p:.0} MB/s, ratio {:.3}",
             p / r
@@ -140,11 +158,12 @@ async fn throughput(
     let (raw_mb_s, pipe_mb_s) = (median(&raw), median(&pipe));
     Ok(Report {
         json: json!({
-            "bench": "throughput", "mode": "raw", "bytes": bytes, "cpus": cpus,
+            "bench": "throughput", "mode": mode.name(), "bytes": bytes, "cpus": cpus,
             "raw_tcp_mb_s": round(raw_mb_s), "pipe_mb_s": round(pipe_mb_s), "ratio": round3(ratio),
         }),
         text: format!(
-            "throughput (raw mode, {cpus} cpu, {bytes} bytes, {pairs} pairs): raw TCP {raw_mb_s:.0} MB/s, pipe {pipe_mb_s:.0} MB/s, ratio {ratio:.3}"
+            "throughput ({} mode, {cpus} cpu, {bytes} bytes, {pairs} pairs): raw TCP {raw_mb_s:.0} MB/s, pipe {pipe_mb_s:.0} MB/s, ratio {ratio:.3}",
+            mode.name()
         ),
     })
 }
@@ -232,6 +251,48 @@ async fn pipe_throughput(bytes: u64, capacity: usize) -> Result<f64, BoxError> {
     Ok(mb_per_s(bytes, elapsed))
 }
 
+/// The same layout in session mode: the client session's write half on a writer task, the
+/// server session read on a reader task.
+async fn session_throughput(bytes: u64, capacity: usize) -> Result<f64, BoxError> {
+    let rig = SessionRig::new(capacity).await?;
+    let (client_read, mut tx) = rig.client.into_split();
+    let start = Instant::now();
+    let writer = tokio::spawn(async move {
+        let chunk = vec![7u8; CHUNK];
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(CHUNK as u64) as usize;
+            tx.write_all(&chunk[..n]).await?;
+            left -= n as u64;
+        }
+        Ok::<_, std::io::Error>(tx)
+    });
+    let reader = {
+        let server = rig.server.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; CHUNK];
+            let mut got = 0u64;
+            while got < bytes {
+                let n = server.read(&mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                got += n as u64;
+            }
+            Ok::<_, backedpipe::Error>(got)
+        })
+    };
+    let got = reader.await??;
+    let elapsed = start.elapsed();
+    let tx = writer.await??;
+    check_count(got, bytes)?;
+    tx.close().await?;
+    drop(client_read);
+    rig.server.close().await?;
+    rig.accept_task.abort();
+    Ok(mb_per_s(bytes, elapsed))
+}
+
 fn check_count(got: u64, want: u64) -> Result<(), BoxError> {
     if got == want {
         Ok(())
@@ -252,11 +313,38 @@ fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
-async fn reconnect(samples: usize) -> Result<Report, BoxError> {
+async fn reconnect(mode: Mode, samples: usize) -> Result<Report, BoxError> {
+    let (echo_addr, echo_task) = echo_server().await?;
+    let (bare, pipe, first_byte) = match mode {
+        Mode::Raw => reconnect_raw(echo_addr, samples).await?,
+        Mode::Session => reconnect_session(echo_addr, samples).await?,
+    };
+    echo_task.abort();
+    let ratio = ratio_median(&pipe, &bare);
+    let (bare_us, pipe_us, first_us) = (median(&bare), median(&pipe), median(&first_byte));
+    let (first_min, first_max) = min_max(&first_byte);
+    Ok(Report {
+        json: json!({
+            "bench": "reconnect", "mode": mode.name(), "bare_us": round(bare_us), "pipe_us": round(pipe_us),
+            "ratio": round3(ratio), "stream_first_byte_us": round(first_us),
+        }),
+        text: format!(
+            "reconnect ({} mode, {samples} samples): bare connect+RTT {bare_us:.0} us, pipe cut->delivered {pipe_us:.0} us, ratio {ratio:.3}; cut mid-stream -> first byte {first_us:.0} us (range {first_min:.0}-{first_max:.0})",
+            mode.name()
+        ),
+    })
+}
+
+/// Samples in microseconds: bare connects, idle reconnects, first bytes after a cut mid-stream.
+type ReconnectSamples = (Vec<f64>, Vec<f64>, Vec<f64>);
+
+async fn reconnect_raw(
+    echo_addr: std::net::SocketAddr,
+    samples: usize,
+) -> Result<ReconnectSamples, BoxError> {
     let mut bare = Vec::new();
     let mut pipe = Vec::new();
     let rig = Rig::new(1 << 20).await?;
-    let (echo_addr, echo_task) = echo_server().await?;
     for i in 0..=samples {
         let b = bare_connect_round_trip(echo_addr).await?;
         let p = pipe_idle_reconnect(&rig).await?;
@@ -269,7 +357,6 @@ async fn reconnect(samples: usize) -> Result<Report, BoxError> {
     for _ in 0..samples.min(21) {
         first_byte.push(stream_first_byte().await?);
     }
-    echo_task.abort();
     let Rig {
         client,
         server,
@@ -279,17 +366,37 @@ async fn reconnect(samples: usize) -> Result<Report, BoxError> {
     client.close().await?;
     server.close().await?;
     accept_task.abort();
-    let ratio = ratio_median(&pipe, &bare);
-    let (bare_us, pipe_us, first_us) = (median(&bare), median(&pipe), median(&first_byte));
-    Ok(Report {
-        json: json!({
-            "bench": "reconnect", "mode": "raw", "bare_us": round(bare_us), "pipe_us": round(pipe_us),
-            "ratio": round3(ratio), "stream_first_byte_us": round(first_us),
-        }),
-        text: format!(
-            "reconnect (raw mode, {samples} samples): bare connect+RTT {bare_us:.0} us, pipe cut->delivered {pipe_us:.0} us, ratio {ratio:.3}; cut mid-stream -> first byte {first_us:.0} us"
-        ),
-    })
+    Ok((bare, pipe, first_byte))
+}
+
+async fn reconnect_session(
+    echo_addr: std::net::SocketAddr,
+    samples: usize,
+) -> Result<ReconnectSamples, BoxError> {
+    let mut bare = Vec::new();
+    let mut pipe = Vec::new();
+    let rig = SessionRig::new(1 << 20).await?;
+    for i in 0..=samples {
+        let b = bare_connect_round_trip(echo_addr).await?;
+        let p = session_idle_reconnect(&rig).await?;
+        if i > 0 {
+            bare.push(b);
+            pipe.push(p);
+        }
+    }
+    rig.close().await?;
+    let mut first_byte = Vec::new();
+    for _ in 0..samples.min(21) {
+        first_byte.push(session_stream_first_byte().await?);
+    }
+    Ok((bare, pipe, first_byte))
+}
+
+fn min_max(xs: &[f64]) -> (f64, f64) {
+    xs.iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
+            (lo.min(x), hi.max(x))
+        })
 }
 
 async fn echo_server() -> Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>), BoxError> {
@@ -388,24 +495,113 @@ async fn stream_first_byte() -> Result<f64, BoxError> {
     Ok(elapsed.as_secs_f64() * 1e6)
 }
 
-async fn memory(pairs: usize) -> Result<Report, BoxError> {
-    pin::raise_fd_limit(pairs * 2 + 64);
-    let before = stats::rss_bytes()?;
-    let mut rigs = Vec::with_capacity(pairs);
-    for _ in 0..pairs {
-        rigs.push(Rig::new(backedpipe::DEFAULT_BUFFER_SIZE).await?);
+/// Cuts an idle connected session pair and times until a small message written right after the
+/// cut is read on the other side (through the client's authenticated resume), in microseconds.
+async fn session_idle_reconnect(rig: &SessionRig) -> Result<f64, BoxError> {
+    for mut status in [rig.client.status(), rig.server.status()] {
+        status
+            .wait_for(|s| matches!(s, backedpipe::PipeState::Connected))
+            .await?;
     }
-    let after = stats::rss_bytes()?;
-    let per_pair_kib = (after.saturating_sub(before)) as f64 / pairs as f64 / 1024.0;
-    for rig in rigs {
-        rig.client.close().await?;
-        rig.server.close().await?;
-        rig.accept_task.abort();
+    let server = rig.server.clone();
+    // The reader is in flight before the cut, as in a live session.
+    let reader = tokio::spawn(async move {
+        let mut buf = [0u8; 8];
+        let mut got = 0;
+        while got < 8 {
+            let n = server.read(&mut buf[got..]).await?;
+            if n == 0 {
+                return Err(backedpipe::Error::PipeClosed);
+            }
+            got += n;
+        }
+        Ok(Instant::now())
+    });
+    tokio::task::yield_now().await;
+    let start = Instant::now();
+    rig.cutter.cut();
+    rig.client.write(&7u64.to_be_bytes()).await?;
+    let delivered = reader.await??;
+    Ok(delivered.duration_since(start).as_secs_f64() * 1e6)
+}
+
+/// Cuts a session pair during a bulk transfer and times until the first byte arrives over the
+/// resumed connection, in microseconds.
+async fn session_stream_first_byte() -> Result<f64, BoxError> {
+    let rig = SessionRig::new(backedpipe::DEFAULT_BUFFER_SIZE).await?;
+    let (client_read, mut tx) = rig.client.into_split();
+    let writer = tokio::spawn(async move {
+        let chunk = vec![3u8; CHUNK];
+        while tx.write_all(&chunk).await.is_ok() {}
+    });
+    let server = rig.server;
+    let mut buf = vec![0u8; CHUNK];
+    // Let the transfer reach full speed.
+    let mut got = 0u64;
+    while got < 16 << 20 {
+        got += server.read(&mut buf).await? as u64;
     }
+    let generation = server.pipe().generation();
+    let start = Instant::now();
+    rig.cutter.cut();
+    loop {
+        let n = server.read(&mut buf).await?;
+        if n == 0 {
+            return Err("session ended during the measurement".into());
+        }
+        if server.pipe().generation() != generation {
+            break;
+        }
+    }
+    let elapsed = start.elapsed();
+    writer.abort();
+    drop(client_read);
+    server.close().await?;
+    rig.accept_task.abort();
+    Ok(elapsed.as_secs_f64() * 1e6)
+}
+
+async fn memory(mode: Mode, pairs: usize) -> Result<Report, BoxError> {
+    pin::raise_fd_limit(pairs * 3 + 64);
+    let per_pair_kib = match mode {
+        Mode::Raw => {
+            let before = stats::rss_bytes()?;
+            let mut rigs = Vec::with_capacity(pairs);
+            for _ in 0..pairs {
+                rigs.push(Rig::new(backedpipe::DEFAULT_BUFFER_SIZE).await?);
+            }
+            let after = stats::rss_bytes()?;
+            for rig in rigs {
+                rig.client.close().await?;
+                rig.server.close().await?;
+                rig.accept_task.abort();
+            }
+            per_pair(before, after, pairs)
+        }
+        Mode::Session => {
+            let before = stats::rss_bytes()?;
+            let mut rigs = Vec::with_capacity(pairs);
+            for _ in 0..pairs {
+                rigs.push(SessionRig::new(backedpipe::DEFAULT_BUFFER_SIZE).await?);
+            }
+            // Idle, but past the handshake's and the first exchange's transient buffers.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let after = stats::rss_bytes()?;
+            for rig in rigs {
+                rig.close().await?;
+            }
+            per_pair(before, after, pairs)
+        }
+    };
     Ok(Report {
-        json: json!({"bench": "memory", "mode": "raw", "pairs": pairs, "rss_per_pair_kib": (per_pair_kib * 10.0).round() / 10.0}),
+        json: json!({"bench": "memory", "mode": mode.name(), "pairs": pairs, "rss_per_pair_kib": (per_pair_kib * 10.0).round() / 10.0}),
         text: format!(
-            "memory (raw mode): {pairs} idle connected pairs, {per_pair_kib:.1} KiB RSS per pair"
+            "memory ({} mode): {pairs} idle connected pairs, {per_pair_kib:.1} KiB RSS per pair",
+            mode.name()
         ),
     })
+}
+
+fn per_pair(before: u64, after: u64, pairs: usize) -> f64 {
+    after.saturating_sub(before) as f64 / pairs as f64 / 1024.0
 }

@@ -34,7 +34,8 @@ impl Reconnector for Dialer {
 }
 
 /// A duplicate handle of a tokio socket, to shut it down from outside.
-trait StdClone {
+pub trait StdClone {
+    /// A `std` handle on the same socket.
     fn as_ref_std_clone(&self) -> std::io::Result<std::net::TcpStream>;
 }
 
@@ -59,6 +60,11 @@ pub struct Cutter {
 }
 
 impl Cutter {
+    /// A cutter for the connection stored in `current`.
+    pub fn new(current: Arc<Mutex<Option<std::net::TcpStream>>>) -> Cutter {
+        Cutter { current }
+    }
+
     /// Shuts the current connection down in both directions.
     pub fn cut(&self) {
         if let Some(conn) = self

@@ -1,0 +1,88 @@
+//! A session-mode pair over loopback TCP: the client is a [`Session`] dialling through a
+//! [`TcpConnector`] with the library's default reconnect policy, the server accepts every
+//! connection with [`SessionServer::accept`] (inline in one accept loop, so a resume costs no
+//! task hop beyond the library's own).
+//!
+//! The rig keeps a duplicate of the server's end of the current connection and can shut it down
+//! in both directions from outside ([`Cutter::cut`]), so both ends see the connection end at
+//! once, as after a reset. The client then resumes with the authenticated handshake.
+
+use std::sync::{Arc, Mutex};
+
+use backedpipe::{
+    Accepted, BoxError, PipeConfig, PipeState, Session, SessionOptions, SessionServer, TcpConnector,
+};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+use crate::rig::{Cutter, StdClone};
+
+/// Two connected session ends and the means to cut their connection.
+pub struct SessionRig {
+    /// The client end (it reconnects).
+    pub client: Session,
+    /// The server end (resumed by the client's new connections).
+    pub server: Arc<Session>,
+    /// Cuts the current connection.
+    pub cutter: Cutter,
+    /// The accept loop.
+    pub accept_task: tokio::task::JoinHandle<()>,
+}
+
+impl SessionRig {
+    /// A connected pair whose pipes hold at most `capacity` unacknowledged bytes.
+    pub async fn new(capacity: usize) -> Result<SessionRig, BoxError> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let options =
+            SessionOptions::default().pipe(PipeConfig::default().buffer_capacity(capacity));
+        let server = SessionServer::new(options.clone());
+        let current = Arc::default();
+        let (new_tx, new_rx) = oneshot::channel();
+        let accept_task = tokio::spawn(accept_loop(listener, server, Arc::clone(&current), new_tx));
+        let client = Session::connect(TcpConnector::new(addr), options).await?;
+        let server = new_rx.await?;
+        let mut status = server.status();
+        status
+            .wait_for(|s| matches!(s, PipeState::Connected))
+            .await?;
+        Ok(SessionRig {
+            client,
+            server: Arc::new(server),
+            cutter: Cutter::new(current),
+            accept_task,
+        })
+    }
+
+    /// Closes both ends and stops the accept loop.
+    pub async fn close(self) -> Result<(), BoxError> {
+        self.client.close().await?;
+        self.server.close().await?;
+        self.accept_task.abort();
+        Ok(())
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    server: SessionServer,
+    current: Arc<Mutex<Option<std::net::TcpStream>>>,
+    new: oneshot::Sender<Session>,
+) {
+    let mut new = Some(new);
+    while let Ok((conn, _)) = listener.accept().await {
+        let _ = conn.set_nodelay(true);
+        if let Ok(twin) = conn.as_ref_std_clone() {
+            *current.lock().unwrap_or_else(|e| e.into_inner()) = Some(twin);
+        }
+        match server.accept(conn).await {
+            Ok(Accepted::New(session)) => {
+                if let Some(tx) = new.take() {
+                    let _ = tx.send(session);
+                }
+            }
+            Ok(_) => {}
+            Err(err) => eprintln!("bpbench: session accept failed: {err}"),
+        }
+    }
+}
