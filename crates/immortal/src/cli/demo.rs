@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use backedpipe::{PipeState, Session};
+use backedpipe::{BoxIo, Connector, PipeState, Session};
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use sha2::{Digest, Sha256};
@@ -84,7 +84,12 @@ pub async fn run(args: DemoArgs) -> Result<(), CliError> {
         .await?;
     let connector = StreamConnector::new(api, stream.id, Carrier::Upgrade);
     let mut gone = connector.gone_signal();
-    let session = Session::connect(connector, session_options(HEARTBEAT))
+    let opened = Arc::new(AtomicU64::new(0));
+    let counting = Counting {
+        inner: connector,
+        opened: opened.clone(),
+    };
+    let session = Session::connect(counting, session_options(HEARTBEAT))
         .await
         .map_err(|err| {
             gone.get()
@@ -92,7 +97,6 @@ pub async fn run(args: DemoArgs) -> Result<(), CliError> {
                 .unwrap_or_else(|| session_error(&err))
         })?;
     let progress = Progress::new(total);
-    let reconnects = AtomicU64::new(0);
     let cuts = CutCount::default();
 
     // Each half on a task of its own: a session that is always ready to read or write would
@@ -118,8 +122,7 @@ pub async fn run(args: DemoArgs) -> Result<(), CliError> {
         () = cut_repeatedly(&proxy, session.status(), total * 2, args.cuts, &cuts) => {
             unreachable_cutter()
         }
-        () = count_reconnects(session.status(), &reconnects) => unreachable_cutter(),
-        stalled = watch_progress(&counters, &progress, &cuts, &reconnects) => Err(stalled),
+        stalled = watch_progress(&counters, &progress, &cuts, &opened) => Err(stalled),
     };
     let (sent_hash, (received, received_hash)) = outcome?;
     // The client has sent its FIN, but the agent may not have it yet (a cut can hold it up):
@@ -129,7 +132,7 @@ pub async fn run(args: DemoArgs) -> Result<(), CliError> {
     let _ = session.close().await;
     remote.stop_now();
     let service = service?;
-    progress.update(&counters, &cuts, &reconnects);
+    progress.update(&counters, &cuts, &opened);
     progress.finish();
 
     let report = Report {
@@ -149,7 +152,7 @@ pub async fn run(args: DemoArgs) -> Result<(), CliError> {
         resets: cuts.resets.load(Ordering::Relaxed),
         black_holes: cuts.black_holes.load(Ordering::Relaxed),
         cuts_asked: args.cuts,
-        reconnects: reconnects.load(Ordering::Relaxed),
+        reconnects: reconnects(&opened),
         generation: session.pipe().generation(),
         elapsed: started.elapsed(),
     };
@@ -168,7 +171,7 @@ fn joined<T>(result: Result<T, tokio::task::JoinError>) -> Result<T, CliError> {
     result.map_err(|err| CliError::Other(format!("a transfer task failed: {err}")))
 }
 
-/// Never reached: the cutter and the reconnect counter wait forever once their work is done,
+/// Never reached: the cutter waits forever once its work is done,
 /// so that only the transfer (or a failure) ends the demo.
 fn unreachable_cutter<T>() -> Result<T, CliError> {
     Err(CliError::Other(
@@ -456,45 +459,63 @@ async fn cut_repeatedly(
     for i in 0..u64::from(cuts) {
         let threshold = total * (i + 1) / (u64::from(cuts) + 1);
         proxy.wait_for(|s| s.bytes_total() >= threshold).await;
-        if status
-            .wait_for(|state| matches!(state, PipeState::Connected))
-            .await
-            .is_err()
-        {
-            break;
+        loop {
+            if status
+                .wait_for(|state| matches!(state, PipeState::Connected))
+                .await
+                .is_err()
+            {
+                return std::future::pending().await;
+            }
+            // Mark the current state seen, so that any change after the cut wakes us, even
+            // one back to `Connected` that the watch folds into a single update.
+            status.borrow_and_update();
+            let broken = if i % 3 == 1 {
+                proxy.black_hole()
+            } else {
+                proxy.cut_reset()
+            };
+            if broken > 0 {
+                break;
+            }
+            // Between connections (the session may not have noticed the last one go yet):
+            // try again on the next live one.
+            proxy.wait_for(|s| s.live > 0).await;
         }
-        // Mark the current state seen, so that any change after the cut wakes us, even one
-        // back to `Connected` that the watch folds into a single update.
-        status.borrow_and_update();
-        let cut = if i % 3 == 1 {
-            let cut = proxy.black_hole() > 0;
-            cut.then(|| count.black_holes.fetch_add(1, Ordering::Relaxed));
-            cut
+        let counter = if i % 3 == 1 {
+            &count.black_holes
         } else {
-            let cut = proxy.cut_reset() > 0;
-            cut.then(|| count.resets.fetch_add(1, Ordering::Relaxed));
-            cut
+            &count.resets
         };
-        tracing::debug!(cut = i, broke_something = cut, "cut");
+        counter.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(cut = i, "cut");
         // Let the session notice before the next cut is considered.
-        if cut && status.changed().await.is_err() {
+        if status.changed().await.is_err() {
             break;
         }
     }
     std::future::pending().await
 }
 
-/// Counts the session's returns to the connected state; then waits forever.
-async fn count_reconnects(mut status: watch::Receiver<PipeState>, count: &AtomicU64) {
-    let mut was_connected = true;
-    while status.changed().await.is_ok() {
-        let connected = matches!(*status.borrow_and_update(), PipeState::Connected);
-        if connected && !was_connected {
-            count.fetch_add(1, Ordering::Relaxed);
-        }
-        was_connected = connected;
+/// A connector that counts the transports it opens: every one after the first is a
+/// reconnect. (Watching the session's state would miss a loss and recovery that happen
+/// between two looks.)
+struct Counting<C> {
+    inner: C,
+    opened: Arc<AtomicU64>,
+}
+
+impl<C: Connector> Connector for Counting<C> {
+    async fn connect(&self) -> std::io::Result<BoxIo> {
+        let io = self.inner.connect().await?;
+        self.opened.fetch_add(1, Ordering::Relaxed);
+        Ok(io)
     }
-    std::future::pending().await
+}
+
+/// Reconnects so far, from the count of transports opened.
+fn reconnects(opened: &AtomicU64) -> u64 {
+    opened.load(Ordering::Relaxed).saturating_sub(1)
 }
 
 /// Updates the progress bars until no byte has moved for [`STALL_LIMIT`]; returns that failure.
@@ -502,14 +523,14 @@ async fn watch_progress(
     counters: &Counters,
     progress: &Progress,
     cuts: &CutCount,
-    reconnects: &AtomicU64,
+    opened: &AtomicU64,
 ) -> CliError {
     let mut last_sum = counters.sum();
     let mut last_move = Instant::now();
     let mut tick = tokio::time::interval(TICK);
     loop {
         tick.tick().await;
-        progress.update(counters, cuts, reconnects);
+        progress.update(counters, cuts, opened);
         let sum = counters.sum();
         if sum != last_sum {
             last_sum = sum;
@@ -561,7 +582,7 @@ impl Progress {
         }
     }
 
-    fn update(&self, counters: &Counters, cuts: &CutCount, reconnects: &AtomicU64) {
+    fn update(&self, counters: &Counters, cuts: &CutCount, opened: &AtomicU64) {
         self.up
             .set_position(counters.service_received.load(Ordering::Relaxed));
         self.down
@@ -571,7 +592,7 @@ impl Progress {
         self.status.set_message(format!(
             "cut {} times ({resets} resets, {black_holes} black holes), reconnected {} times",
             resets + black_holes,
-            reconnects.load(Ordering::Relaxed)
+            reconnects(opened)
         ));
     }
 
@@ -656,13 +677,15 @@ impl std::fmt::Display for Report {
             "  {:<18} {} (connection generation {})",
             "reconnects", self.reconnects, self.generation
         )?;
-        let rate = (2 * self.mib) as f64 / self.elapsed.as_secs_f64().max(1e-3);
-        writeln!(
-            f,
-            "  {:<18} {} ({rate:.1} MiB/s both ways together)",
-            "elapsed",
-            seconds(self.elapsed)
-        )?;
+        write!(f, "  {:<18} {}", "elapsed", seconds(self.elapsed))?;
+        if self.black_holes > 0 {
+            write!(
+                f,
+                " (each black hole stalls the stream until the heartbeat notices, about {})",
+                seconds(HEARTBEAT * 2 + Duration::from_secs(1))
+            )?;
+        }
+        writeln!(f)?;
         if self.exact() {
             writeln!(f, "every byte arrived exactly once.")
         } else {
