@@ -117,9 +117,12 @@ impl Drop for Serve {
     }
 }
 
-/// The address in the agent's "listening on http://ADDR" line, if this is that line.
+/// The address in the agent's "listening on http://ADDR" (or https) line, if this is that
+/// line.
 fn listening_addr(line: &str) -> Option<SocketAddr> {
-    let rest = &line[line.find("listening on http://")? + "listening on http://".len()..];
+    let start = line.find("listening on http")?;
+    let rest = &line[start..];
+    let rest = &rest[rest.find("://")? + 3..];
     let addr: String = rest
         .chars()
         .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
@@ -577,4 +580,87 @@ fn demo_shows_every_byte_arriving_exactly_once() {
     assert!(text.contains("every byte arrived exactly once"), "{text}");
     assert!(text.contains("8388608 bytes sent, 8388608 received, SHA-256 equal"));
     assert!(text.contains("black holes"), "{text}");
+}
+
+#[test]
+fn connect_over_websocket_rides_out_a_reset() {
+    let serve = Serve::start(&[]);
+    let rt = runtime();
+    let proxy = rt.block_on(ChaosProxy::start(serve.addr)).unwrap();
+    let port = echo_service().to_string();
+    let mut command = serve.immortal(&["connect", "--stdio", "--websocket", &port]);
+    command.env("IMMORTAL_SERVER", proxy.local_addr().to_string());
+    let mut connected = Connected::spawn(command);
+    connected.round_trip("over a websocket\n");
+    assert!(proxy.cut_reset() > 0, "nothing to cut");
+    connected.round_trip("and again after a reset\n");
+    let (code, rest) = connected.finish(true);
+    assert_eq!(code, Some(0), "{rest}");
+}
+
+/// A self-signed certificate for 127.0.0.1 and its key, as PEM files in `dir`.
+fn certificate(dir: &std::path::Path, name: &str) -> (PathBuf, PathBuf) {
+    let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+    let cert = dir.join(format!("{name}.pem"));
+    let key = dir.join(format!("{name}-key.pem"));
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    (cert, key)
+}
+
+#[test]
+fn tls_with_a_pinned_certificate_carries_a_stream_and_a_wrong_pin_is_refused() {
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key) = certificate(certs.path(), "agent");
+    let (other, _) = certificate(certs.path(), "other");
+    let serve = Serve::start(&[
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ]);
+    let port = echo_service().to_string();
+    let pin = cert.to_str().unwrap();
+    let mut connected =
+        Connected::spawn(serve.immortal(&["connect", "--stdio", "--tls-pin", pin, &port]));
+    connected.round_trip("over TLS\n");
+    let (code, rest) = connected.finish(true);
+    assert_eq!(code, Some(0), "{rest}");
+
+    let listed = serve.run(&["ls", "--tls-pin", pin]);
+    assert_eq!(listed.status.code(), Some(0), "{}", stderr(&listed));
+
+    let wrong = serve.run(&["ls", "--tls-pin", other.to_str().unwrap()]);
+    assert_eq!(wrong.status.code(), Some(1));
+    assert!(stderr(&wrong).contains("TLS"), "{}", stderr(&wrong));
+
+    let plain = serve.run(&["ls"]);
+    assert_ne!(
+        plain.status.code(),
+        Some(0),
+        "plain HTTP to a TLS agent worked"
+    );
+}
+
+#[test]
+fn tls_with_a_ca_file_checks_the_name() {
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key) = certificate(certs.path(), "agent");
+    let serve = Serve::start(&[
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ]);
+    let ca = cert.to_str().unwrap();
+    let listed = serve.run(&["ls", "--tls-ca", ca]);
+    assert_eq!(listed.status.code(), Some(0), "{}", stderr(&listed));
+    // The certificate names 127.0.0.1, not localhost.
+    let mut by_name = serve.immortal(&["ls", "--tls-ca", ca]);
+    by_name.env(
+        "IMMORTAL_SERVER",
+        format!("localhost:{}", serve.addr.port()),
+    );
+    let refused = output_of(by_name);
+    assert_eq!(refused.status.code(), Some(1), "{}", stderr(&refused));
 }

@@ -245,9 +245,9 @@ fn hyper_error(err: hyper::Error) -> ClientError {
         .and_then(|source| source.downcast_ref::<std::io::Error>());
     match io {
         Some(io) => ClientError::io(std::io::Error::new(io.kind(), err.to_string())),
-        None if err.is_parse() || err.is_parse_status() => {
-            ClientError::Protocol(format!("not an HTTP answer: {err}"))
-        }
+        None if err.is_parse() || err.is_parse_status() => ClientError::Protocol(format!(
+            "not an HTTP answer ({err}); an agent that serves TLS needs the client to use TLS"
+        )),
         None => ClientError::io(std::io::Error::other(err.to_string())),
     }
 }
