@@ -483,17 +483,29 @@ impl ConnState {
         let io = Pin::new(io);
         if self.data_left > 0 {
             if let Some(buf) = direct {
-                let want = self.data_left.min(buf.remaining());
+                // With room to spare, the next frame's header comes in the same read (it is
+                // moved to the decoder): one read per frame instead of two.
+                let want = (self.data_left + HEADER_LEN).min(buf.remaining());
                 let mut part = ReadBuf::new(buf.initialize_unfilled_to(want));
                 ready!(io.poll_read(cx, &mut part))?;
                 let n = part.filled().len();
                 if n == 0 {
                     return Poll::Ready(Err(truncated(self.data_left)));
                 }
-                buf.advance(n);
-                self.data_left -= n;
+                let payload = n.min(self.data_left);
+                if n > payload {
+                    let Some(decoder_buf) = self.decoder.receive_buffer() else {
+                        return Poll::Ready(Err(io::Error::other("frame decoder failed")));
+                    };
+                    decoder_buf.extend_from_slice(&part.filled()[payload..]);
+                }
+                buf.advance(payload);
+                self.data_left -= payload;
                 self.core.handle_received(now);
-                return Poll::Ready(Ok(n));
+                if n > payload {
+                    self.on_received(effects, now);
+                }
+                return Poll::Ready(Ok(payload));
             }
             // The decoder's buffer is empty while a payload is read past it: read into it and
             // hand the bytes to the inbound queue without a copy.
