@@ -73,6 +73,10 @@ enum Bench {
         /// Replay-buffer capacity of each pipe (in session mode, the most unacknowledged bytes).
         #[arg(long, default_value_t = backedpipe::DEFAULT_BUFFER_SIZE)]
         capacity: usize,
+        /// Session mode: acknowledge every this many delivered bytes instead of the library's
+        /// default (64 KiB), to see what acknowledgements cost.
+        #[arg(long)]
+        ack_every: Option<u64>,
     },
     /// Reconnect latency: a bare TCP connect plus an 8-byte round trip vs a pipe cut while
     /// idle until a small message is delivered; and the first byte after a cut mid-transfer.
@@ -111,7 +115,8 @@ fn main() -> Result<(), BoxError> {
                 pairs,
                 cpus,
                 capacity,
-            } => throughput(mode, bytes, pairs, cpus, capacity).await,
+                ack_every,
+            } => throughput(mode, bytes, pairs, cpus, capacity, ack_every).await,
             Bench::Reconnect { samples } => reconnect(mode, samples).await,
             Bench::Memory { pairs } => memory(mode, pairs).await,
         }
@@ -135,13 +140,14 @@ async fn throughput(
     pairs: usize,
     cpus: usize,
     capacity: usize,
+    ack_every: Option<u64>,
 ) -> Result<Report, BoxError> {
     let mut raw = Vec::new();
     let mut pipe = Vec::new();
     for i in 0..=pairs {
         let r = raw_throughput(bytes).await?;
         let p = match mode {
-            Mode::Session => session_throughput(bytes, capacity).await?,
+            Mode::Session => session_throughput(bytes, capacity, ack_every).await?,
             Mode::Raw => pipe_throughput(bytes, capacity).await?,
         };
         eprintln!(
@@ -253,8 +259,12 @@ async fn pipe_throughput(bytes: u64, capacity: usize) -> Result<f64, BoxError> {
 
 /// The same layout in session mode: the client session's write half on a writer task, the
 /// server session read on a reader task.
-async fn session_throughput(bytes: u64, capacity: usize) -> Result<f64, BoxError> {
-    let rig = SessionRig::new(capacity).await?;
+async fn session_throughput(
+    bytes: u64,
+    capacity: usize,
+    ack_every: Option<u64>,
+) -> Result<f64, BoxError> {
+    let rig = SessionRig::with_ack_every(capacity, ack_every).await?;
     let (client_read, mut tx) = rig.client.into_split();
     let start = Instant::now();
     let writer = tokio::spawn(async move {

@@ -9,6 +9,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use backedpipe::session::SessionConfig;
 use backedpipe::{
     Accepted, BoxError, PipeConfig, PipeState, Session, SessionOptions, SessionServer, TcpConnector,
 };
@@ -32,10 +33,24 @@ pub struct SessionRig {
 impl SessionRig {
     /// A connected pair whose pipes hold at most `capacity` unacknowledged bytes.
     pub async fn new(capacity: usize) -> Result<SessionRig, BoxError> {
+        Self::with_ack_every(capacity, None).await
+    }
+
+    /// As [`new`](Self::new), acknowledging every `ack_every` delivered bytes instead of the
+    /// library's default.
+    pub async fn with_ack_every(
+        capacity: usize,
+        ack_every: Option<u64>,
+    ) -> Result<SessionRig, BoxError> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        let options =
-            SessionOptions::default().pipe(PipeConfig::default().buffer_capacity(capacity));
+        let mut timing = SessionConfig::default();
+        if let Some(bytes) = ack_every {
+            timing.ack_every = bytes;
+        }
+        let options = SessionOptions::default()
+            .pipe(PipeConfig::default().buffer_capacity(capacity))
+            .timing(timing);
         let server = SessionServer::new(options.clone());
         let current = Arc::default();
         let (new_tx, new_rx) = oneshot::channel();
