@@ -465,6 +465,12 @@ fn connect_stdio_carries_everything_and_exits_0_when_the_service_closes() {
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     assert_eq!(output.stdout.len(), data.len());
     assert!(output.stdout == data, "the echo differs from what was sent");
+    // Both sides are done: the agent forgets the stream by itself (it announces nothing to a
+    // client, so poll).
+    let forgotten = eventually(80, Duration::from_millis(250), || {
+        serve.streams().streams.is_empty()
+    });
+    assert!(forgotten, "the finished stream stayed on the agent");
 }
 
 #[test]
