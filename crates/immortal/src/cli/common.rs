@@ -499,6 +499,9 @@ mod tests {
         tokio::task::yield_now().await;
         step(PipeState::Disconnected);
         tokio::task::yield_now().await;
+        // Attempts at 0.5 s, 1.5 s, ...: never at the same instant as a status line, whose
+        // order against them would be a coin toss.
+        tokio::time::sleep(Duration::from_millis(500)).await;
         for _ in 0..12 {
             step(PipeState::Reconnecting);
             tokio::task::yield_now().await;
