@@ -82,6 +82,9 @@ struct WriterState<W> {
     end_marker: bool,
     /// Shut down for writing: the end marker follows the data on every transport from now on.
     shut_down: bool,
+    /// A write is waiting for acknowledgements to make room (only then does an
+    /// acknowledgement need to wake anyone; a write waiting for its transport is woken by it).
+    room_wanted: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,6 +143,7 @@ impl<W: AsyncWrite + Unpin> BackedWriter<W> {
                 closed: None,
                 end_marker: false,
                 shut_down: false,
+                room_wanted: false,
             }),
             waiters,
             fanout,
@@ -178,8 +182,11 @@ impl<W: AsyncWrite + Unpin> BackedWriter<W> {
             });
         }
         st.ring.trim_to(seq);
+        let wake = std::mem::take(&mut st.room_wanted);
         drop(st);
-        self.waiters.wake_all();
+        if wake {
+            self.waiters.wake_all();
+        }
         Ok(())
     }
 
@@ -375,6 +382,7 @@ impl<W: AsyncWrite + Unpin> BackedWriter<W> {
         };
         if room == 0 {
             // Backpressure: an acknowledgement (or close) wakes this task.
+            st.room_wanted = true;
             return Poll::Pending;
         }
         let chunk = &buf[..buf.len().min(room)];
