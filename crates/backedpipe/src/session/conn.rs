@@ -167,11 +167,14 @@ impl Wakers {
         }
     }
 
-    fn wake_reader(&self) {
+    /// Wakes the application's reader; returns whether one was waiting.
+    fn wake_reader(&self) -> bool {
         let reader = self.lock().reader.take();
+        let woken = reader.is_some();
         if let Some(waker) = reader {
             waker.wake();
         }
+        woken
     }
 
     fn clear_reader_notified(&self) {
@@ -1046,7 +1049,12 @@ impl Driver {
                     shared.wakers.wake_app();
                 } else if st.inbound_len > 0 || st.peer_finished {
                     drop(st);
-                    shared.wakers.wake_reader();
+                    if shared.wakers.wake_reader() {
+                        // Let the reader take what came before reading on (the task woken
+                        // last may run only once this one yields).
+                        cx.waker().wake_by_ref();
+                        return Turn::Park;
+                    }
                 }
                 Turn::Again
             }
