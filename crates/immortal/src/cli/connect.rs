@@ -49,6 +49,8 @@ const CLEANUP_TIMEOUT: Duration = Duration::from_secs(2);
 /// Runs until the remote service closes the stream.
 pub async fn run(args: ConnectArgs) -> Result<(), CliError> {
     let api = args.client.api_client()?;
+    // Before the stream exists, so that a failure here leaves nothing behind on the agent.
+    let stdin = StdinReader::spawn().map_err(|err| CliError::Other(format!("stdin: {err}")))?;
     let stream = api.create_stream(args.target_port, None).await?;
     tracing::debug!(stream = %stream.id, port = stream.port, "stream created");
     let connector = args.client.connector(&api, &stream.id);
@@ -69,7 +71,6 @@ pub async fn run(args: ConnectArgs) -> Result<(), CliError> {
             eprintln!("immortal: {line}");
         }))
     });
-    let stdin = StdinReader::spawn().map_err(|err| CliError::Other(format!("stdin: {err}")))?;
     let carried = tokio::select! {
         result = carry(&session, &mut gone, stdin, tokio::io::stdout(), Until::RemoteEnds) => result,
         signal = termination() => Err(CliError::Other(format!("stopped by {signal}"))),
