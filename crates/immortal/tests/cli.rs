@@ -7,6 +7,8 @@
 //! with no event to wait on, a stream expiring on the agent, is polled with `ls` a bounded
 //! number of times.
 
+#![cfg(unix)]
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
