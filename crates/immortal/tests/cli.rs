@@ -672,3 +672,42 @@ fn tls_with_a_ca_file_checks_the_name() {
     let refused = output_of(by_name);
     assert_eq!(refused.status.code(), Some(1), "{}", stderr(&refused));
 }
+
+#[test]
+fn forward_rides_out_a_reset() {
+    let serve = Serve::start(&[]);
+    let rt = runtime();
+    let proxy = rt.block_on(ChaosProxy::start(serve.addr)).unwrap();
+    let port = echo_service();
+    let local = free_port();
+    let spec = format!("127.0.0.1:{local}:{port}");
+    let mut child = serve
+        .immortal(&["forward", &spec])
+        .env("IMMORTAL_SERVER", proxy.local_addr().to_string())
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = lines_of(child.stderr.take().unwrap());
+    let ready = format!("forwarding 127.0.0.1:{local}");
+    while !lines
+        .recv_timeout(PATIENCE)
+        .expect("forward never said it was listening")
+        .contains(&ready)
+    {}
+    let mut conn = TcpStream::connect(("127.0.0.1", local)).unwrap();
+    conn.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut echo = |text: &str| {
+        conn.write_all(text.as_bytes()).unwrap();
+        let mut back = vec![0; text.len()];
+        conn.read_exact(&mut back).unwrap();
+        assert_eq!(String::from_utf8(back).unwrap(), text);
+    };
+    echo("before\n");
+    assert!(proxy.cut_reset() > 0, "nothing to cut");
+    echo("after the reset\n");
+    let _ = child.kill();
+    let _ = child.wait();
+}
