@@ -711,3 +711,34 @@ fn forward_rides_out_a_reset() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// A TCP service that sends `greeting` to each connection and closes it at once, without
+/// waiting for the peer.
+fn greeting_service(greeting: &'static str) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let _ = conn.write_all(greeting.as_bytes());
+        }
+    });
+    port
+}
+
+#[test]
+fn connect_exits_0_when_the_service_closes_even_with_stdin_still_open() {
+    let serve = Serve::start(&[]);
+    let port = greeting_service("SSH-2.0-pretend\r\n").to_string();
+    let mut connected = Connected::spawn(serve.immortal(&["connect", "--stdio", &port]));
+    let deadline = Instant::now() + PATIENCE;
+    while connected.received.len() < "SSH-2.0-pretend\r\n".len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let chunk = connected.stdout.recv_timeout(left).expect("no greeting");
+        connected.received.extend_from_slice(&chunk);
+    }
+    assert_eq!(connected.received, b"SSH-2.0-pretend\r\n");
+    // stdin stays open: the service's end alone must end the process.
+    let (code, rest) = connected.finish(false);
+    assert_eq!(code, Some(0), "{rest}");
+}
