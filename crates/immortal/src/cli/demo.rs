@@ -590,9 +590,11 @@ impl Progress {
         let resets = cuts.resets.load(Ordering::Relaxed);
         let black_holes = cuts.black_holes.load(Ordering::Relaxed);
         self.status.set_message(format!(
-            "cut {} times ({resets} resets, {black_holes} black holes), reconnected {} times",
-            resets + black_holes,
-            reconnects(opened)
+            "cut {} ({}, {}), reconnected {}",
+            count(resets + black_holes, "time"),
+            count(resets, "reset"),
+            count(black_holes, "black hole"),
+            count(reconnects(opened), "time"),
         ));
     }
 
@@ -656,17 +658,19 @@ impl std::fmt::Display for Report {
         };
         writeln!(
             f,
-            "immortal demo: {} MiB each way through a connection cut {} times",
+            "immortal demo: {} MiB each way through a connection cut {}",
             self.mib,
-            self.resets + self.black_holes
+            count(self.resets + self.black_holes, "time")
         )?;
         direction(f, "client -> service", &self.up)?;
         direction(f, "service -> client", &self.down)?;
         let cuts = self.resets + self.black_holes;
         write!(
             f,
-            "  {:<18} {cuts} ({} resets, {} black holes)",
-            "cuts", self.resets, self.black_holes
+            "  {:<18} {cuts} ({}, {})",
+            "cuts",
+            count(self.resets, "reset"),
+            count(self.black_holes, "black hole")
         )?;
         if cuts < u64::from(self.cuts_asked) {
             write!(f, "; {} asked, the transfer ended first", self.cuts_asked)?;
@@ -691,6 +695,15 @@ impl std::fmt::Display for Report {
         } else {
             writeln!(f, "FAILED: bytes were lost, altered or duplicated.")
         }
+    }
+}
+
+/// "1 reset", "3 resets".
+fn count(n: u64, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
     }
 }
 
