@@ -312,3 +312,51 @@ fn settle<C: Connection>(shared: &Shared<C>, result: Result<()>) -> Result<()> {
     }
     result
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use tokio::io::DuplexStream;
+    use tokio::sync::mpsc;
+    use tokio::time::Instant;
+
+    use crate::{reconnector_fn, BackedPipe, BoxError, PipeConfig};
+
+    /// The first attempt after an established connection is lost goes out at once: the backoff
+    /// delays only the attempts that follow a failed one (a resume costs no sleep).
+    #[tokio::test(start_paused = true)]
+    async fn the_first_retry_after_a_loss_is_immediate() {
+        let (dialled, mut calls) = mpsc::unbounded_channel::<(Instant, DuplexStream)>();
+        let reconnector = reconnector_fn(move |_reader_seq| {
+            let dialled = dialled.clone();
+            async move {
+                let (ours, theirs) = tokio::io::duplex(64);
+                let _ = dialled.send((Instant::now(), theirs));
+                Ok::<_, BoxError>((ours, 0))
+            }
+        });
+        // A first delay drawn below a whole second would show in paused time.
+        let config = PipeConfig::default()
+            .backoff(Duration::from_secs(1), Duration::from_secs(5))
+            .backoff_seed(1);
+        let pipe = Arc::new(BackedPipe::with_config(reconnector, config).unwrap());
+        pipe.connect().await.unwrap();
+        let (_, first_peer) = calls.recv().await.unwrap();
+        let reading = {
+            let pipe = pipe.clone();
+            tokio::spawn(async move { pipe.read(&mut [0; 8]).await })
+        };
+        tokio::task::yield_now().await;
+        let lost_at = Instant::now();
+        drop(first_peer);
+        let (redialled_at, _second_peer) = calls.recv().await.unwrap();
+        assert_eq!(
+            redialled_at, lost_at,
+            "the resume waited for a backoff delay"
+        );
+        pipe.close().await.unwrap();
+        assert_eq!(reading.await.unwrap().unwrap(), 0);
+    }
+}

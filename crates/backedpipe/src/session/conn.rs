@@ -167,14 +167,11 @@ impl Wakers {
         }
     }
 
-    /// Wakes the application's reader; returns whether one was waiting.
-    fn wake_reader(&self) -> bool {
+    fn wake_reader(&self) {
         let reader = self.lock().reader.take();
-        let woken = reader.is_some();
         if let Some(waker) = reader {
             waker.wake();
         }
-        woken
     }
 
     fn clear_reader_notified(&self) {
@@ -1049,12 +1046,11 @@ impl Driver {
                     shared.wakers.wake_app();
                 } else if st.inbound_len > 0 || st.peer_finished {
                     drop(st);
-                    if shared.wakers.wake_reader() {
-                        // Let the reader take what came before reading on (the task woken
-                        // last may run only once this one yields).
-                        cx.waker().wake_by_ref();
-                        return Turn::Park;
-                    }
+                    shared.wakers.wake_reader();
+                    // Yield before reading on: the application's reader (woken here or by the
+                    // pipe) may be queued behind this task, and it takes the bytes queued.
+                    cx.waker().wake_by_ref();
+                    return Turn::Park;
                 }
                 Turn::Again
             }
