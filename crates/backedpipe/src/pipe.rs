@@ -22,6 +22,7 @@ use crate::backoff::{random_seed, Backoff};
 use crate::config::PipeConfig;
 use crate::error::{Error, Result};
 use crate::event::{Component, ErrorEvent, EventSender};
+use crate::proto::CloseCode;
 use crate::reader::BackedReader;
 use crate::reconnector::{Connection, Reconnector};
 use crate::supervisor::{NoReconnector, Request, Supervisor};
@@ -542,7 +543,14 @@ impl<C: Connection> Shared<C> {
 
     /// Fails the pipe for good: every blocked and later read and write gets `err`.
     pub(crate) fn fail(&self, err: Error) {
-        tracing::warn!(error = %err, "pipe failed for good");
+        match &err {
+            // The peer ended the session on purpose: an ending, not a fault.
+            Error::ClosedByPeer {
+                code: CloseCode::Normal,
+                ..
+            } => tracing::debug!(error = %err, "pipe ended by the peer"),
+            _ => tracing::warn!(error = %err, "pipe failed for good"),
+        }
         self.set_state(PipeState::Failed(err.clone()));
         self.reader.fail(err.clone());
         self.writer.fail(err);

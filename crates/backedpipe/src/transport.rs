@@ -23,6 +23,10 @@ pub type BoxIo = Box<dyn Io>;
 /// The session runs its handshake over what this returns and bounds the whole attempt with its
 /// connect timeout, so an implementation needs no timeout of its own.
 ///
+/// A failure is retried with backoff, unless the `io::Error` wraps one of this crate's terminal
+/// errors (`io::Error::other(Error::SessionExpired(id))`, say, when an outer protocol such as an
+/// HTTP upgrade says the session is gone): the session then fails with that error.
+///
 /// ```
 /// use backedpipe::{BoxIo, Connector};
 ///

@@ -758,3 +758,53 @@ async fn data_after_the_peers_fin_is_a_protocol_violation() {
     })
     .await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_connector_reporting_the_session_gone_stops_the_reconnect_loop() {
+    guarded(async {
+        let server = SessionServer::new(small_options());
+        let (accepted_tx, mut accepted) = mpsc::unbounded_channel();
+        // The first transport reaches the server; every later attempt is answered, as an HTTP
+        // upgrade in front of the session would answer it, with "that session is gone".
+        let gone: Arc<Mutex<Option<SessionId>>> = Arc::default();
+        let dials = Arc::new(AtomicU64::new(0));
+        let (link, link_state) = watch::channel(LinkState::Open);
+        let connector = connector_fn({
+            let (gone, dials) = (gone.clone(), dials.clone());
+            move || {
+                let link_state = link_state.clone();
+                let (server, accepted_tx) = (server.clone(), accepted_tx.clone());
+                let attempt = dials.fetch_add(1, Ordering::SeqCst);
+                let gone = *gone.lock().unwrap();
+                async move {
+                    if attempt > 0 {
+                        let id = gone.expect("the test names the session before cutting");
+                        return Err(std::io::Error::other(Error::SessionExpired(id)));
+                    }
+                    let (client_io, server_io) = relay(link_state, Tap::default());
+                    tokio::spawn(async move {
+                        if let Ok(Accepted::New(session)) = server.accept(server_io).await {
+                            let _ = accepted_tx.send(session);
+                        }
+                    });
+                    Ok::<BoxIo, std::io::Error>(Box::new(client_io))
+                }
+            }
+        });
+        let client = Session::connect(connector, small_options()).await.unwrap();
+        *gone.lock().unwrap() = Some(client.id());
+        let _server_side = accepted.recv().await.unwrap();
+        link.send(LinkState::Cut).unwrap();
+        let mut buf = [0u8; 1];
+        match client.read(&mut buf).await {
+            Err(Error::SessionExpired(id)) => assert_eq!(id, client.id()),
+            other => panic!("expected SessionExpired, got {other:?}"),
+        }
+        assert_eq!(
+            dials.load(Ordering::SeqCst),
+            2,
+            "no retry after the verdict"
+        );
+    })
+    .await;
+}

@@ -37,7 +37,7 @@ impl<C: Connector> Reconnector for SessionDialer<C> {
         let mut io = tokio::time::timeout(connect_timeout, self.connector.connect())
             .await
             .map_err(|_| Error::io(std::io::ErrorKind::TimedOut.into()))?
-            .map_err(Error::io)?;
+            .map_err(connector_error)?;
         let handshake = async {
             match &credentials {
                 None => client_new(&mut io).await,
@@ -71,5 +71,15 @@ impl<C: Connector> Reconnector for SessionDialer<C> {
         );
         self.link.set_current(conn.finished());
         Ok((conn, established.remote_reader_seq()))
+    }
+}
+
+/// A connector's failure as the crate error: one of ours that it wrapped in the `io::Error`
+/// passes through, so a connector can stop the reconnect loop with a terminal error (the
+/// server said the session is gone); anything else is transport trouble, retried.
+fn connector_error(err: std::io::Error) -> Error {
+    match Error::from_io(&err) {
+        Some(ours) => ours.clone(),
+        None => Error::io(err),
     }
 }
