@@ -286,7 +286,9 @@ async fn dial<R: Reconnector>(
             return Err(err);
         }
         let delay = backoff.next_delay();
-        tracing::warn!(attempt = attempts, ?delay, error = %err, "reconnect failed; retrying");
+        // Expected while the network is away (the pipe's status says so): not a warning.
+        let cause = std::error::Error::source(&err).map(ToString::to_string);
+        tracing::info!(attempt = attempts, ?delay, error = %err, cause, "reconnect failed; retrying");
         tokio::time::sleep(delay).await;
     }
 }
