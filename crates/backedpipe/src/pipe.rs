@@ -45,6 +45,8 @@ pub(crate) trait PipeHooks: Send + Sync + 'static {
     fn transport_lost(&self, err: io::Error);
     /// Whether the pipe was closed locally.
     fn is_closed(&self) -> bool;
+    /// Checks, touching nothing, that the writer can resume a peer that has read `seq` bytes.
+    fn check_replay_from(&self, seq: u64) -> Result<()>;
 }
 
 impl<C: Connection> PipeHooks for Shared<C> {
@@ -62,6 +64,10 @@ impl<C: Connection> PipeHooks for Shared<C> {
 
     fn is_closed(&self) -> bool {
         self.closed.is_cancelled()
+    }
+
+    fn check_replay_from(&self, seq: u64) -> Result<()> {
+        self.writer.check_replay_from(seq)
     }
 }
 
@@ -309,6 +315,12 @@ impl<C: Connection> BackedPipe<C> {
     /// The writer's shutdown (FIN in session mode), for `&self` callers.
     pub(crate) fn poll_shutdown_shared(&self, cx: &mut Context<'_>) -> Poll<Result<()>> {
         self.shared().writer.poll_shutdown(cx)
+    }
+
+    /// Ready once the peer has acknowledged every byte written (session mode), or the pipe
+    /// is closed or failed.
+    pub(crate) fn poll_acknowledged(&self, cx: &mut Context<'_>) -> Poll<()> {
+        self.shared().writer.poll_acknowledged(cx)
     }
 
     /// What a session-mode transport uses to reach its pipe (acknowledgements, losses).

@@ -82,8 +82,9 @@ struct WriterState<W> {
     end_marker: bool,
     /// Shut down for writing: the end marker follows the data on every transport from now on.
     shut_down: bool,
-    /// A write is waiting for acknowledgements to make room (only then does an
-    /// acknowledgement need to wake anyone; a write waiting for its transport is woken by it).
+    /// A write is waiting for acknowledgements to make room, or a close for everything to be
+    /// acknowledged (only then does an acknowledgement need to wake anyone; a write waiting
+    /// for its transport is woken by it).
     room_wanted: bool,
 }
 
@@ -188,6 +189,19 @@ impl<W: AsyncWrite + Unpin> BackedWriter<W> {
             self.waiters.wake_all();
         }
         Ok(())
+    }
+
+    /// Ready once every byte written has been acknowledged (trimmed from the replay buffer),
+    /// or the writer is closed. Only meaningful under [`Retention::UntilAcked`].
+    pub(crate) fn poll_acknowledged(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut st = self.lock();
+        if st.ring.is_empty() || st.closed.is_some() {
+            return Poll::Ready(());
+        }
+        // Registered under the lock: an acknowledgement after it sees the flag and wakes us.
+        st.room_wanted = true;
+        self.waiters.register(cx.waker());
+        Poll::Pending
     }
 
     /// Checks that a peer that has read `seq` bytes can be resumed, touching nothing.

@@ -464,15 +464,10 @@ async fn a_resumed_claiming_bytes_the_client_never_sent_fails_the_client_with_a_
     .await;
 }
 
-/// A defect, kept as the test that should pass once fixed: the client refuses the lying
-/// RESUMED (above) but drops the connection without a CLOSE, so the server cannot tell the
-/// refusal from a network drop. (`Shared::attach` in `src/pipe.rs` rejects the offset and
-/// drops the new `SessionConn`; its driver sends a CLOSE on drop only if the pipe was closed
-/// locally, `SessionLink::pipe_closed`, never when the pipe fails.) The server side does the
-/// mirror case right: see
-/// `a_resume_claiming_bytes_the_server_never_sent_is_refused_before_the_buffer_is_touched`.
+/// The client refuses the lying RESUMED (above) with a CLOSE that says why, so the server can
+/// tell the refusal from a network drop, as the server does in the mirror case
+/// (`a_resume_claiming_bytes_the_server_never_sent_is_refused_before_the_buffer_is_touched`).
 #[tokio::test(start_paused = true)]
-#[ignore = "library defect: a client refusing a RESUMED offset sends no CLOSE (see the doc comment)"]
 async fn a_client_refusing_a_resumed_offset_tells_the_server_why() {
     guarded(async {
         let (_client, mut closes) = lied_to().await;

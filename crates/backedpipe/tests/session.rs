@@ -808,3 +808,78 @@ async fn a_connector_reporting_the_session_gone_stops_the_reconnect_loop() {
     })
     .await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_close_after_the_end_of_stream_was_read_ends_the_session_at_once() {
+    guarded(async {
+        let mut harness = Harness::new(small_options());
+        let (client, server) = harness.connect().await;
+        server.write(b"bye").await.unwrap();
+        server.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 8];
+        loop {
+            let n = client.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got, b"bye");
+        // The client has read everything and will not read again: the CLOSE must still end
+        // its session (an agent watching the state would otherwise hold it until its TTL).
+        server.close().await.unwrap();
+        let mut status = client.status();
+        let state = status.wait_for(PipeState::is_final).await.unwrap().clone();
+        assert!(
+            matches!(&state, PipeState::Failed(Error::ClosedByPeer { code, .. }) if *code == CloseCode::Normal),
+            "{state:?}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn close_waits_for_the_peer_to_acknowledge_what_was_written() {
+    guarded(async {
+        let mut harness = Harness::new(small_options());
+        let (client, server) = harness.connect().await;
+        // The bytes are stuck in a black hole when close is called.
+        harness.set_links(LinkState::Held);
+        client.write(b"last words").await.unwrap();
+        let closing = tokio::spawn(async move {
+            client.close().await.unwrap();
+            client
+        });
+        // The client notices the dead path, resumes and replays; only after the server has
+        // read the bytes does the CLOSE follow them.
+        let mut got = Vec::new();
+        let mut buf = [0u8; 64];
+        let end = loop {
+            match server.read(&mut buf).await {
+                Ok(0) => break Ok(0),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(err) => break Err(err),
+            }
+        };
+        assert_eq!(got, b"last words");
+        assert!(
+            matches!(
+                end,
+                Err(Error::ClosedByPeer {
+                    code: CloseCode::Normal,
+                    ..
+                })
+            ),
+            "{end:?}"
+        );
+        let client = closing.await.unwrap();
+        assert!(client.pipe().generation() >= 2, "the bytes came by replay");
+        assert_eq!(
+            client.pipe().buffered().0,
+            0,
+            "all acknowledged before CLOSE"
+        );
+    })
+    .await;
+}

@@ -863,15 +863,11 @@ fn random_link_failures_over_many_seeds_end_with_identical_bytes_both_ways() -> 
     Ok(())
 }
 
-/// A defect of the library, kept here as the test that should pass once it is fixed: a session
-/// cannot be ended without risking the loss of what it sent last. `shutdown` returns once FIN
-/// is written to the current transport and `close` (or dropping the session) makes the server
-/// forget the session at once; neither waits for the peer to acknowledge the bytes and the FIN.
-/// If that transport dies with them in flight, the client's resume finds no session and it
-/// gets `SessionUnknown` instead of the bytes and end-of-stream, where TCP would have
-/// retransmitted them.
+/// Ending a session never loses what it sent last: the server writes, shuts down and closes
+/// while the link is partitioned. `close` waits for the peer to acknowledge every byte (up to
+/// its close timeout, longer than it takes to notice the dead path and resume), so the client
+/// resumes, gets the bytes and end-of-stream, and only then is the session forgotten.
 #[test]
-#[ignore = "library defect: closing a session loses unacknowledged bytes (see the doc comment)"]
 fn bytes_written_before_a_close_reach_the_peer_across_a_partition() -> turmoil::Result {
     const TOTAL: u64 = 64 * 1024;
     let setup = Setup::default_timing();

@@ -4,11 +4,11 @@
 use std::sync::{Arc, Mutex, PoisonError};
 
 use super::conn::SessionConn;
-use super::establish::{client_new, client_resume};
+use super::establish::{client_new, client_resume, send_close};
 use super::link::SessionLink;
 use super::options::SessionOptions;
 use crate::error::{BoxError, Error};
-use crate::proto::{Secret, SessionId};
+use crate::proto::{CloseCode, Frame, Secret, SessionId};
 use crate::reconnector::Reconnector;
 use crate::transport::Connector;
 
@@ -48,6 +48,16 @@ impl<C: Connector> Reconnector for SessionDialer<C> {
         let (established, decoder) = tokio::time::timeout(handshake_timeout, handshake)
             .await
             .map_err(|_| Error::HandshakeTimeout(handshake_timeout))??;
+        // The server's offset is hostile input: refuse it, and tell the server why, before the
+        // pipe's buffer is touched.
+        if let Err(err) = self.link.check_replay_from(established.remote_reader_seq()) {
+            send_close(
+                &mut io,
+                Frame::close(CloseCode::ReplayUnavailable, err.to_string()),
+            )
+            .await;
+            return Err(err.into());
+        }
         if credentials.is_none() {
             *self
                 .credentials

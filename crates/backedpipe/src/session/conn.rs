@@ -236,6 +236,9 @@ struct ConnState {
     inbound_len: usize,
     /// The peer's FIN arrived (after every byte in `inbound`).
     peer_finished: bool,
+    /// The application has read the end-of-stream that FIN stands for: a CLOSE after it has
+    /// nothing left to wait behind.
+    fin_delivered: bool,
     /// Encoded bytes to write before anything else: control frames, and the rest of a frame
     /// the transport took only in part. It always ends on a frame boundary.
     outbound: BytesMut,
@@ -313,6 +316,7 @@ impl SessionConn {
                 inbound: VecDeque::new(),
                 inbound_len: 0,
                 peer_finished: false,
+                fin_delivered: false,
                 outbound: BytesMut::new(),
                 need_flush: false,
                 sent: established.remote_reader_seq(),
@@ -593,7 +597,7 @@ impl ConnState {
                 match close {
                     Some(close) => self.violation(effects, err, close, now),
                     None => {
-                        if self.inbound_len > 0 || self.peer_finished {
+                        if self.inbound_len > 0 || (self.peer_finished && !self.fin_delivered) {
                             // Data (or FIN) came before the CLOSE: the reader gets it first.
                             self.deferred_close = Some(err.clone());
                         } else {
@@ -730,6 +734,7 @@ impl AsyncRead for SessionConn {
                     break Poll::Ready(Ok(()));
                 }
                 if st.peer_finished {
+                    st.fin_delivered = true;
                     if let Some(close) = st.deferred_close.take() {
                         effects.lost = Some(close.into());
                     }
@@ -969,6 +974,13 @@ impl Driver {
                 return Turn::Done;
             }
             st.broken = Some(Broken::Fatal(Error::PipeClosed));
+            // What we read is acknowledged first: the peer then knows its bytes arrived.
+            st.core.flush_ack();
+            while let Some(transmit) = st.core.poll_transmit() {
+                if let Transmit::Ack(seq) = transmit {
+                    st.push_frame(&Frame::ack(seq));
+                }
+            }
             st.push_frame(&Frame::close(CloseCode::Normal, "closed"));
             st.linger_until = Some(now + CLOSE_LINGER);
         }

@@ -238,6 +238,12 @@ impl SessionCore {
         }
     }
 
+    /// Acknowledges everything delivered now, without waiting for the ack delay: the last
+    /// thing said before a CLOSE, so that the peer knows what arrived.
+    pub fn flush_ack(&mut self) {
+        self.queue_ack();
+    }
+
     /// Whether a control message is waiting for [`poll_transmit`](Self::poll_transmit).
     pub fn has_transmit(&self) -> bool {
         !self.transmits.is_empty()
@@ -324,6 +330,21 @@ mod tests {
         assert_eq!(core.poll_transmit(), None);
         core.handle_timeout(now + Duration::from_secs(9));
         assert_eq!(core.poll_transmit(), Some(Transmit::Ping(0)));
+    }
+
+    #[test]
+    fn a_flushed_ack_goes_out_at_once_and_only_when_there_is_news() {
+        let (mut core, now) = core();
+        core.flush_ack();
+        assert_eq!(
+            core.poll_transmit(),
+            None,
+            "nothing delivered, nothing to say"
+        );
+        core.on_delivered(now, 7);
+        core.flush_ack();
+        assert_eq!(core.poll_transmit(), Some(Transmit::Ack(7)));
+        assert_eq!(core.timers.get(Timer::AckDelay), None);
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::sync::{Mutex, OnceLock, PoisonError, Weak};
 
 use tokio_util::sync::CancellationToken;
 
+use crate::error::Error;
 use crate::pipe::PipeHooks;
 
 /// The session-wide state every [`SessionConn`](super::SessionConn) of a session holds.
@@ -50,6 +51,22 @@ impl SessionLink {
             .get()
             .and_then(Weak::upgrade)
             .is_none_or(|pipe| pipe.is_closed())
+    }
+
+    /// Checks a resumed peer's offset against what the pipe's writer holds (nothing to check
+    /// before the pipe exists: a new session starts at 0). A peer claiming bytes never sent is
+    /// [`Error::InvalidSequenceNumber`], as the pipe itself would say.
+    pub(crate) fn check_replay_from(&self, seq: u64) -> Result<(), Error> {
+        let Some(pipe) = self.pipe.get().and_then(Weak::upgrade) else {
+            return Ok(());
+        };
+        pipe.check_replay_from(seq).map_err(|err| match err {
+            Error::FutureSequence { requested, written } => Error::InvalidSequenceNumber {
+                remote: requested,
+                local: written,
+            },
+            other => other,
+        })
     }
 
     pub(crate) fn acknowledge(&self, seq: u64) {

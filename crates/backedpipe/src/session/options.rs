@@ -14,6 +14,7 @@ use crate::config::PipeConfig;
 /// | [`connect_timeout`](Self::connect_timeout) | 3 s | a dial that hangs (a black-holed route) is abandoned and retried |
 /// | [`handshake_timeout`](Self::handshake_timeout) | 10 s | a client that connects and says nothing cannot hold a server task for long |
 /// | [`ttl`](Self::ttl) | 24 h | how long a server keeps a disconnected session for its client to resume |
+/// | [`close_timeout`](Self::close_timeout) | 30 s | how long [`Session::close`](crate::Session::close) waits for the peer to acknowledge what was written before it sends CLOSE anyway: long enough to notice a dead path (11 s) and resume over a new one |
 ///
 /// ```
 /// use std::time::Duration;
@@ -31,6 +32,7 @@ pub struct SessionOptions {
     pub(crate) connect_timeout: Duration,
     pub(crate) handshake_timeout: Duration,
     pub(crate) ttl: Duration,
+    pub(crate) close_timeout: Duration,
 }
 
 impl Default for SessionOptions {
@@ -41,6 +43,7 @@ impl Default for SessionOptions {
             connect_timeout: Duration::from_secs(3),
             handshake_timeout: Duration::from_secs(10),
             ttl: Duration::from_secs(24 * 60 * 60),
+            close_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -75,6 +78,14 @@ impl SessionOptions {
     /// gets [`Error::SessionExpired`](crate::Error::SessionExpired)).
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.ttl = ttl;
+        self
+    }
+
+    /// How long [`Session::close`](crate::Session::close) waits for the peer to acknowledge
+    /// every byte written before it sends CLOSE regardless. A CLOSE never overtakes data the
+    /// peer could still get; past this bound the caller's wish to be done wins.
+    pub fn close_timeout(mut self, timeout: Duration) -> Self {
+        self.close_timeout = timeout;
         self
     }
 

@@ -176,7 +176,12 @@ impl SessionServer {
                     pipe.downgrade(),
                 ));
                 tracing::debug!(session = %id, "new session");
-                Ok(Accepted::New(Session::from_parts(pipe, link, id)))
+                Ok(Accepted::New(Session::from_parts(
+                    pipe,
+                    link,
+                    id,
+                    self.inner.options.close_timeout,
+                )))
             }
             HelloOutcome::Challenge { next, challenge } => {
                 write_frame(io, &challenge).await?;

@@ -5,6 +5,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
@@ -74,6 +75,7 @@ pub struct Session {
     pipe: BackedPipe<SessionConn>,
     link: Arc<SessionLink>,
     id: SessionId,
+    close_timeout: Duration,
 }
 
 impl Session {
@@ -107,7 +109,12 @@ impl Session {
             .as_ref()
             .map(|(id, _)| *id)
             .ok_or(Error::PipeClosed)?;
-        Ok(Session { pipe, link, id })
+        Ok(Session {
+            pipe,
+            link,
+            id,
+            close_timeout: options.close_timeout,
+        })
     }
 
     /// A session the server side accepted.
@@ -115,8 +122,14 @@ impl Session {
         pipe: BackedPipe<SessionConn>,
         link: Arc<SessionLink>,
         id: SessionId,
+        close_timeout: Duration,
     ) -> Session {
-        Session { pipe, link, id }
+        Session {
+            pipe,
+            link,
+            id,
+            close_timeout,
+        }
     }
 
     /// The session's id (not secret: it names the session, the secret proves it).
@@ -172,14 +185,26 @@ impl Session {
         poll_fn(|cx| self.pipe.poll_shutdown_shared(cx)).await
     }
 
-    /// Closes the session: the peer gets CLOSE (after the frames already queued) and its reads
-    /// and writes fail with [`Error::ClosedByPeer`]; a server forgets the session. Waits at most
-    /// about a second for the CLOSE to leave. Dropping the session does the same without
-    /// waiting.
+    /// Waits until the peer's application has read every byte written so far (the peer has
+    /// acknowledged them all), across reconnects. Returns at once when nothing is
+    /// outstanding, and when the session has ended (its reads and writes then say why).
+    pub async fn acknowledged(&self) {
+        poll_fn(|cx| self.pipe.poll_acknowledged(cx)).await
+    }
+
+    /// Closes the session gracefully: waits (at most the
+    /// [`close_timeout`](SessionOptions::close_timeout), 30 s by default, enough to replace a dead path) for the peer to
+    /// acknowledge every byte written, so that the CLOSE cannot overtake data the peer could
+    /// still get; then the peer gets CLOSE and its reads and writes fail with
+    /// [`Error::ClosedByPeer`] (after it has read everything, and the end-of-stream if
+    /// [`shutdown`](Self::shutdown) was called); a server forgets the session. Waits at most
+    /// about a second more for the CLOSE to leave. Dropping the session closes it at once,
+    /// without waiting for anything.
     ///
     /// # Errors
     /// None at present; the signature leaves room for reporting a failed close.
     pub async fn close(&self) -> Result<()> {
+        let _ = tokio::time::timeout(self.close_timeout, self.acknowledged()).await;
         let finished = self.link.current_finished();
         self.pipe.close().await?;
         if let Some(finished) = finished {
