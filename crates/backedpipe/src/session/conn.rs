@@ -757,7 +757,10 @@ impl AsyncRead for SessionConn {
                             st.pending_ack = Some(seq);
                         }
                         effects.lost = events.lost.or(effects.lost.take());
-                        wake_driver |= !alive || events.ack.is_some() || st.core.has_transmit();
+                        wake_driver |= !alive
+                            || events.ack.is_some()
+                            || st.core.has_transmit()
+                            || st.broken.is_some();
                     }
                     Poll::Ready(Ok(n)) => {
                         wake_driver |= delivered(&mut st, shared, n);
