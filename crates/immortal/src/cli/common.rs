@@ -108,18 +108,13 @@ impl ClientArgs {
 }
 
 /// Session settings with a heartbeat every `heartbeat` and a path declared dead after two
-/// silent intervals and a second.
-///
-/// Every read is acknowledged at once (`ack_every: 1`), written before the read returns.
-/// The agent keeps a finished stream until the client has acknowledged its last bytes; with
-/// the default delayed acknowledgement, a client that exits right after the service's
-/// end-of-stream would close before acknowledging, and leave the stream behind until its TTL.
-/// The cost is one small ACK frame per read, next to reads of up to 64 KiB.
+/// silent intervals and a second. Acknowledgements keep their default cadence: a closing
+/// session acknowledges everything it read before its CLOSE, so the agent, which keeps a
+/// finished stream until the client has its last bytes, is never left waiting.
 pub fn session_options(heartbeat: Duration) -> SessionOptions {
     SessionOptions::default().timing(SessionConfig {
         heartbeat_interval: heartbeat,
         dead_after: heartbeat * 2 + Duration::from_secs(1),
-        ack_every: 1,
         ..SessionConfig::default()
     })
 }

@@ -79,7 +79,12 @@ pub async fn run(args: ConnectArgs) -> Result<(), CliError> {
         reporter.abort();
     }
     // Tell the agent this side is done (CLOSE); it forgets the stream once both sides are.
-    let _ = session.close().await;
+    // After a clean end, first let it acknowledge what we sent; after a failure (the stream
+    // is gone, or we were stopped) there is nobody to wait for: dropping sends CLOSE at once.
+    match carried {
+        Ok(_) => drop(session.close().await),
+        Err(_) => drop(session),
+    }
     match carried {
         Ok(carried) => {
             tracing::debug!(

@@ -193,12 +193,17 @@ impl Forwarding {
             tracing::info!(connection = number, "{line}");
         }));
         let (input, output) = tcp.into_split();
-        let result = tokio::select! {
-            carried = carry(&session, &mut gone, input, output, Until::BothEnd) => carried.map(drop),
-            () = self.stop.cancelled() => Ok(()),
+        let carried = tokio::select! {
+            carried = carry(&session, &mut gone, input, output, Until::BothEnd) => Some(carried),
+            () = self.stop.cancelled() => None,
         };
         reporter.abort();
-        let _ = session.close().await;
-        result
+        // A clean end closes gracefully (the agent acknowledges what we sent first); being
+        // stopped or failing closes at once.
+        match carried {
+            Some(Ok(_)) => drop(session.close().await),
+            _ => drop(session),
+        }
+        carried.map_or(Ok(()), |carried| carried.map(drop))
     }
 }

@@ -29,10 +29,6 @@ use crate::api::StreamInfo;
 /// The copy buffer of each direction, allocated when a client first attaches.
 const COPY_BUF_LEN: usize = 64 * 1024;
 
-/// How often a finished stream checks whether its client has acknowledged everything (the
-/// session reports acknowledgements as a count, with no signal to wait on).
-const DRAIN_POLL: Duration = Duration::from_millis(50);
-
 /// The longest name a client may give a stream.
 pub(crate) const MAX_NAME_LEN: usize = 64;
 
@@ -198,23 +194,26 @@ impl Stream {
             ended = self.carry(&session, local) => Some(ended),
             never = self.track_status(session.status(), registry) => match never {},
         };
+        let Some(ended) = ended else {
+            // Deleted, or the agent is stopping: close at once (dropping the session sends
+            // CLOSE) rather than wait for a client that may be away.
+            drop(session);
+            return RemovalReason::AgentStopped;
+        };
         let reason = match ended {
-            None => RemovalReason::AgentStopped,
-            Some(Ok(())) => {
+            Ok(()) => {
                 // Both directions are done. Keep the session until the client has everything
                 // (or goes away for good), so the close cannot overtake the last bytes.
                 let drained = self.drain(&session, ttl);
                 self.stop.run_until_cancelled(drained).await;
                 RemovalReason::Ended
             }
-            Some(Err(CarryError::Session(err))) => match err {
+            Err(CarryError::Session(err)) => match err {
                 backedpipe::Error::SessionExpired(_) => RemovalReason::Expired,
                 backedpipe::Error::ClosedByPeer { .. } => RemovalReason::Ended,
                 err => RemovalReason::Failed(format!("session: {err}")),
             },
-            Some(Err(CarryError::Local(err))) => {
-                RemovalReason::Failed(format!("local service: {err}"))
-            }
+            Err(CarryError::Local(err)) => RemovalReason::Failed(format!("local service: {err}")),
         };
         let _ = session.close().await;
         reason
@@ -303,19 +302,7 @@ impl Stream {
     /// Waits until the client has acknowledged every byte sent, the session ends, or `limit`
     /// passes.
     async fn drain(&self, session: &Session, limit: Duration) {
-        let mut status = session.status();
-        let drained = async {
-            loop {
-                if session.pipe().buffered().0 == 0 || status.borrow_and_update().is_final() {
-                    return;
-                }
-                tokio::select! {
-                    changed = status.changed() => if changed.is_err() { return },
-                    _ = tokio::time::sleep(DRAIN_POLL) => {}
-                }
-            }
-        };
-        let _ = tokio::time::timeout(limit, drained).await;
+        let _ = tokio::time::timeout(limit, session.acknowledged()).await;
     }
 
     fn status(&self) -> MutexGuard<'_, Status> {
