@@ -188,6 +188,19 @@ async fn expect_pattern_then_end(
     }
 }
 
+/// Reads until end-of-stream and returns everything read.
+async fn read_to_end(session: &Session) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 64];
+    loop {
+        let n = session.read(&mut buf).await.unwrap();
+        if n == 0 {
+            return got;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
 fn small_options() -> SessionOptions {
     SessionOptions::default()
         .pipe(
@@ -332,16 +345,9 @@ async fn shutdown_sends_fin_after_the_data_and_the_other_direction_goes_on() {
         let (client, server) = harness.connect().await;
         client.write(b"last words").await.unwrap();
         client.shutdown().await.unwrap();
-        let mut got = Vec::new();
-        let mut buf = [0u8; 64];
-        loop {
-            let n = server.read(&mut buf).await.unwrap();
-            if n == 0 {
-                break;
-            }
-            got.extend_from_slice(&buf[..n]);
-        }
+        let got = read_to_end(&server).await;
         assert_eq!(got, b"last words");
+        let mut buf = [0u8; 8];
         assert_eq!(
             server.read(&mut buf).await.unwrap(),
             0,
@@ -376,15 +382,7 @@ async fn fin_is_sent_again_after_a_reconnect_and_read_once() {
             client
         });
         harness.set_links(LinkState::Cut);
-        let mut got = Vec::new();
-        let mut buf = [0u8; 64];
-        loop {
-            let n = server.read(&mut buf).await.unwrap();
-            if n == 0 {
-                break;
-            }
-            got.extend_from_slice(&buf[..n]);
-        }
+        let got = read_to_end(&server).await;
         assert_eq!(got, b"0123456789");
         let client = shutdown.await.unwrap();
         assert!(client.pipe().generation() >= 2, "the data came by replay");
@@ -816,15 +814,7 @@ async fn a_close_after_the_end_of_stream_was_read_ends_the_session_at_once() {
         let (client, server) = harness.connect().await;
         server.write(b"bye").await.unwrap();
         server.shutdown().await.unwrap();
-        let mut got = Vec::new();
-        let mut buf = [0u8; 8];
-        loop {
-            let n = client.read(&mut buf).await.unwrap();
-            if n == 0 {
-                break;
-            }
-            got.extend_from_slice(&buf[..n]);
-        }
+        let got = read_to_end(&client).await;
         assert_eq!(got, b"bye");
         // The client has read everything and will not read again: the CLOSE must still end
         // its session (an agent watching the state would otherwise hold it until its TTL).

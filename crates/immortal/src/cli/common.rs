@@ -119,8 +119,9 @@ pub fn session_options(heartbeat: Duration) -> SessionOptions {
     })
 }
 
-/// Parses `--heartbeat`: a humantime duration of at least [`MIN_HEARTBEAT`].
-fn parse_heartbeat(text: &str) -> Result<Duration, String> {
+/// Parses `--heartbeat` (client and agent alike): a humantime duration of at least
+/// [`MIN_HEARTBEAT`].
+pub(crate) fn parse_heartbeat(text: &str) -> Result<Duration, String> {
     let duration = humantime::parse_duration(text).map_err(|err| err.to_string())?;
     if duration < MIN_HEARTBEAT {
         return Err(format!(

@@ -12,9 +12,6 @@ use super::CliError;
 use crate::server::{Agent, AgentConfig};
 use crate::token::Token;
 
-/// The shortest heartbeat accepted: below it, probes would cost more than they save.
-const MIN_HEARTBEAT: Duration = Duration::from_millis(100);
-
 /// Run the agent: expose this host's local TCP services as immortal streams.
 ///
 /// The agent listens on one port speaking HTTP/1.1: a JSON management API under /v1/streams
@@ -40,7 +37,7 @@ pub struct ServeArgs {
     pub ttl: Duration,
     /// How often an idle connection is probed (e.g. 5s, 500ms); a connection silent for two
     /// probes and a second is dropped and waits for its client to resume.
-    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_heartbeat)]
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = super::common::parse_heartbeat)]
     pub heartbeat: Duration,
     /// TLS certificate chain (PEM); serves HTTPS with --tls-key.
     #[arg(long, value_name = "PATH", requires = "tls_key")]
@@ -150,18 +147,6 @@ fn bind_error(listen: SocketAddr, err: &io::Error) -> CliError {
         }
         _ => format!("cannot listen on {listen}: {err}"),
     })
-}
-
-/// Parses `--heartbeat`: a duration of at least [`MIN_HEARTBEAT`].
-fn parse_heartbeat(text: &str) -> Result<Duration, String> {
-    let duration = humantime::parse_duration(text).map_err(|err| err.to_string())?;
-    if duration < MIN_HEARTBEAT {
-        return Err(format!(
-            "a heartbeat shorter than {} ms would flood the link",
-            MIN_HEARTBEAT.as_millis()
-        ));
-    }
-    Ok(duration)
 }
 
 /// A future that resolves on Ctrl-C (SIGINT), or SIGTERM where there is such a thing. The
