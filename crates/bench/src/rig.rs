@@ -3,7 +3,7 @@
 //! two big-endian `u64`s (client's reader offset first), as a Go-compatible raw deployment does.
 //!
 //! The rig can tear down the client's current TCP connection from outside the pipe
-//! ([`Rig::cut`]): it keeps a duplicate of the socket and shuts it down in both directions, so
+//! ([`Cutter::cut`]): it keeps a duplicate of the socket and shuts it down in both directions, so
 //! both ends see the connection end at once, as they would after a reset.
 
 use std::net::SocketAddr;

@@ -57,9 +57,9 @@ const DRIVER_READ: usize = 16 * 1024;
 /// How long a CLOSE may take to leave before the transport is dropped anyway.
 pub(crate) const CLOSE_LINGER: Duration = Duration::from_secs(1);
 
-/// The transport of a session-mode pipe (see the [module docs](self)). It is created by the
-/// session layer after a handshake; its driver task runs until the pipe drops it or the path
-/// fails.
+/// One transport of a session-mode pipe (see [`session`](crate::session) for how the parts
+/// fit). It is created by the session layer after a handshake; its driver task runs until the
+/// pipe drops it or the path fails.
 pub struct SessionConn {
     shared: Arc<ConnShared>,
 }
