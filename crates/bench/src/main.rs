@@ -5,6 +5,7 @@
 
 mod pin;
 mod rig;
+mod scale;
 mod session;
 mod stats;
 
@@ -91,6 +92,31 @@ enum Bench {
         #[arg(long, default_value_t = 1000)]
         pairs: usize,
     },
+    /// One server holding many idle sessions (the client ends in a child process): its RSS,
+    /// then a share of them cut at once and the time until every one has resumed and delivered.
+    Scale {
+        /// Session pairs to hold connected.
+        #[arg(long, default_value_t = 10_000)]
+        sessions: usize,
+        /// Sessions cut at the same instant.
+        #[arg(long, default_value_t = 1000)]
+        cut: usize,
+        /// The server's listen backlog. The default, 128, is what `tokio::net::TcpListener::bind`
+        /// uses (through mio), and with it the immortal agent; the kernel caps it at
+        /// net.core.somaxconn.
+        #[arg(long, default_value_t = 128)]
+        backlog: u32,
+    },
+    /// The client ends of `scale`, in a process of their own (started by `scale`).
+    #[command(hide = true)]
+    ScaleClients {
+        /// The server's address.
+        #[arg(long)]
+        addr: std::net::SocketAddr,
+        /// Sessions to open.
+        #[arg(long)]
+        sessions: usize,
+    },
 }
 
 fn main() -> Result<(), BoxError> {
@@ -107,6 +133,9 @@ fn main() -> Result<(), BoxError> {
         .worker_threads(2)
         .enable_all()
         .build()?;
+    if let Bench::ScaleClients { addr, sessions } = cli.bench {
+        return runtime.block_on(scale::clients(addr, sessions));
+    }
     let mode = cli.mode;
     let report = runtime.block_on(async {
         match cli.bench {
@@ -119,6 +148,12 @@ fn main() -> Result<(), BoxError> {
             } => throughput(mode, bytes, pairs, cpus, capacity, ack_every).await,
             Bench::Reconnect { samples } => reconnect(mode, samples).await,
             Bench::Memory { pairs } => memory(mode, pairs).await,
+            Bench::Scale {
+                sessions,
+                cut,
+                backlog,
+            } => scale::scale(sessions, cut, backlog).await,
+            Bench::ScaleClients { .. } => unreachable!("handled above"),
         }
     })?;
     if cli.json {
