@@ -35,7 +35,7 @@ use backedpipe::{BoxIo, SessionOptions, TlsAcceptor};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
@@ -133,7 +133,7 @@ impl Agent {
     /// # Errors
     /// The bind's failure (address in use, permission denied, address not local).
     pub async fn bind(config: AgentConfig) -> io::Result<Agent> {
-        let listener = TcpListener::bind(config.listen).await?;
+        let listener = listen(config.listen)?;
         let local_addr = listener.local_addr()?;
         let shutdown = CancellationToken::new();
         let registry = Registry::new(
@@ -269,4 +269,21 @@ async fn serve_connection(
     if let Some(Err(err)) = shutdown.run_until_cancelled(connection).await {
         tracing::debug!(%peer, %err, "HTTP connection ended");
     }
+}
+
+/// A listen queue long enough for a reconnect storm: when a network blip cuts many clients at
+/// once they all come back within milliseconds, and a queue of 128 (tokio's default) overflows,
+/// making the kernel retry the dropped ones only after a second (`bpbench scale` shows it).
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds the agent's listening socket, with [`LISTEN_BACKLOG`] and, as usual for servers,
+/// `SO_REUSEADDR` so that a restarted agent can bind while old connections linger.
+fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
