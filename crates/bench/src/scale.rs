@@ -317,7 +317,7 @@ fn cut_set(sessions: usize, cut: usize) -> Vec<bool> {
     set
 }
 
-/// The resident set of another process, from /proc/<pid>/statm.
+/// The resident set of another process, from `/proc/<pid>/statm`.
 fn child_rss_bytes(pid: u32) -> io::Result<u64> {
     let statm = std::fs::read_to_string(format!("/proc/{pid}/statm"))?;
     let pages: u64 = statm
