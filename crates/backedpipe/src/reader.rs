@@ -13,7 +13,7 @@ use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::task::{Context, Poll, Waker};
+use std::task::{ready, Context, Poll, Waker};
 
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::oneshot;
@@ -129,8 +129,19 @@ impl<R: AsyncRead + Unpin> BackedReader<R> {
         Ok(buf.filled().len())
     }
 
-    /// The `AsyncRead` form of [`read`](Self::read).
+    /// The `AsyncRead` form of [`read`](Self::read). Takes part in tokio's cooperative
+    /// budget, as tokio's own sockets do: a task reading a pipe that always has data still
+    /// yields now and then.
     pub fn poll_read(&self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<Result<()>> {
+        let coop = ready!(tokio::task::coop::poll_proceed(cx));
+        let read = self.poll_read_inner(cx, buf);
+        if read.is_ready() {
+            coop.made_progress();
+        }
+        read
+    }
+
+    fn poll_read_inner(&self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<Result<()>> {
         let mut st = self.lock();
         if st.finished {
             // The peer's whole stream was delivered: a later failure cannot take that back.

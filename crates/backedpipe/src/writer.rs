@@ -376,7 +376,19 @@ impl<W: AsyncWrite + Unpin> BackedWriter<W> {
     }
 
     /// Commits a prefix of `buf` and returns its length and the stream's end offset after it.
+    ///
+    /// Takes part in tokio's cooperative budget, as tokio's own sockets do: a task writing to
+    /// a pipe that always has room still yields now and then.
     fn poll_commit(&self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<Result<(usize, u64)>> {
+        let coop = ready!(tokio::task::coop::poll_proceed(cx));
+        let committed = self.poll_commit_inner(cx, buf);
+        if committed.is_ready() {
+            coop.made_progress();
+        }
+        committed
+    }
+
+    fn poll_commit_inner(&self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<Result<(usize, u64)>> {
         let mut st = self.lock();
         if let Some(err) = &st.closed {
             return Poll::Ready(Err(err.clone()));
