@@ -270,8 +270,16 @@ impl Stream {
         registry: &Registry,
     ) -> Infallible {
         loop {
-            let connected = matches!(*status.borrow_and_update(), PipeState::Connected);
-            if let Some(event) = self.set_connected(connected) {
+            let (connected, ended) = {
+                let state = status.borrow_and_update();
+                (matches!(*state, PipeState::Connected), state.is_final())
+            };
+            let event = self.set_connected(connected);
+            if !ended && matches!(event, Some(StreamEvent::Disconnected { .. })) {
+                // A session that ended is about to be removed, and says why then.
+                tracing::info!(id = %self.id, "client detached; waiting for it to resume");
+            }
+            if let Some(event) = event {
                 registry.emit(event);
             }
             if status.changed().await.is_err() {
@@ -294,7 +302,6 @@ impl Stream {
             Some(StreamEvent::Connected { id })
         } else {
             status.last_disconnected = Some((Instant::now(), SystemTime::now()));
-            tracing::info!(id = %self.id, "client went away; waiting for it to resume");
             Some(StreamEvent::Disconnected { id })
         }
     }
