@@ -472,6 +472,22 @@ async fn bare_connect_round_trip(addr: std::net::SocketAddr) -> Result<f64, BoxE
     Ok(start.elapsed().as_secs_f64() * 1e6)
 }
 
+/// Reads the 8-byte message of a reconnect sample and returns when it had arrived.
+async fn read_eight_bytes<C: backedpipe::Connection>(
+    pipe: &backedpipe::BackedPipe<C>,
+) -> Result<Instant, backedpipe::Error> {
+    let mut buf = [0u8; 8];
+    let mut got = 0;
+    while got < 8 {
+        let n = pipe.read(&mut buf[got..]).await?;
+        if n == 0 {
+            return Err(backedpipe::Error::PipeClosed);
+        }
+        got += n;
+    }
+    Ok(Instant::now())
+}
+
 /// Cuts an idle connected pair and times until a small message written right after the cut is
 /// read on the other side, in microseconds.
 async fn pipe_idle_reconnect(rig: &Rig) -> Result<f64, BoxError> {
@@ -481,18 +497,7 @@ async fn pipe_idle_reconnect(rig: &Rig) -> Result<f64, BoxError> {
         .await?;
     let server = rig.server.clone();
     // The reader is in flight before the cut, as in a live session.
-    let reader = tokio::spawn(async move {
-        let mut buf = [0u8; 8];
-        let mut got = 0;
-        while got < 8 {
-            let n = server.read(&mut buf[got..]).await?;
-            if n == 0 {
-                return Err(backedpipe::Error::PipeClosed);
-            }
-            got += n;
-        }
-        Ok(Instant::now())
-    });
+    let reader = tokio::spawn(async move { read_eight_bytes(&server).await });
     tokio::task::yield_now().await;
     let start = Instant::now();
     rig.cutter.cut();
@@ -550,18 +555,7 @@ async fn session_idle_reconnect(rig: &SessionRig) -> Result<f64, BoxError> {
     }
     let server = rig.server.clone();
     // The reader is in flight before the cut, as in a live session.
-    let reader = tokio::spawn(async move {
-        let mut buf = [0u8; 8];
-        let mut got = 0;
-        while got < 8 {
-            let n = server.read(&mut buf[got..]).await?;
-            if n == 0 {
-                return Err(backedpipe::Error::PipeClosed);
-            }
-            got += n;
-        }
-        Ok(Instant::now())
-    });
+    let reader = tokio::spawn(async move { read_eight_bytes(server.pipe()).await });
     tokio::task::yield_now().await;
     let start = Instant::now();
     rig.cutter.cut();
