@@ -80,6 +80,11 @@ enum Broken {
 }
 
 impl Broken {
+    /// The transport failed with `err`: the pipe reconnects.
+    fn lost(err: &io::Error) -> Self {
+        Broken::Lost(err.kind(), err.to_string())
+    }
+
     fn to_io(&self) -> io::Error {
         match self {
             Broken::Lost(kind, message) => io::Error::new(*kind, message.clone()),
@@ -768,7 +773,7 @@ impl AsyncRead for SessionConn {
                     }
                     Poll::Ready(Err(err)) => {
                         tracing::debug!(error = %err, "session transport lost");
-                        st.break_with(Broken::Lost(err.kind(), err.to_string()), None, now);
+                        st.break_with(Broken::lost(&err), None, now);
                         wake_driver = true;
                     }
                 }
@@ -794,7 +799,7 @@ fn delivered(st: &mut ConnState, shared: &ConnShared, n: usize) -> bool {
         st.push_transmits(now);
         let mut wcx = Context::from_waker(&shared.write_waker);
         if let Poll::Ready(Err(err)) = st.poll_write_out(&mut wcx, true) {
-            st.break_with(Broken::Lost(err.kind(), err.to_string()), None, now);
+            st.break_with(Broken::lost(&err), None, now);
             return true;
         }
         if !st.outbound.is_empty() || st.need_flush {
@@ -833,7 +838,7 @@ impl AsyncWrite for SessionConn {
         match outcome {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(Err(err)) => {
-                st.break_with(Broken::Lost(err.kind(), err.to_string()), None, now);
+                st.break_with(Broken::lost(&err), None, now);
                 drop(st);
                 shared.wakers.wake_driver();
                 return Poll::Ready(Err(err));
@@ -844,7 +849,7 @@ impl AsyncWrite for SessionConn {
         st.core.on_transmit(now);
         // Free for TCP; a TLS transport pushes its record out here.
         if let Poll::Ready(Err(err)) = st.poll_write_out(&mut wcx, true) {
-            st.break_with(Broken::Lost(err.kind(), err.to_string()), None, now);
+            st.break_with(Broken::lost(&err), None, now);
         }
         let leftover = !st.outbound.is_empty() || st.need_flush || st.broken.is_some();
         drop(st);
@@ -869,7 +874,7 @@ impl AsyncWrite for SessionConn {
         match ready!(st.poll_write_out(&mut wcx, true)) {
             Ok(()) => Poll::Ready(Ok(())),
             Err(err) => {
-                st.break_with(Broken::Lost(err.kind(), err.to_string()), None, now());
+                st.break_with(Broken::lost(&err), None, now());
                 drop(st);
                 shared.wakers.wake_driver();
                 Poll::Ready(Err(err))
@@ -1080,7 +1085,7 @@ impl Driver {
         now: Instant,
     ) -> Turn {
         tracing::debug!(error = %err, "session transport lost");
-        st.break_with(Broken::Lost(err.kind(), err.to_string()), None, now);
+        st.break_with(Broken::lost(&err), None, now);
         effects.lost = Some(err);
         Turn::Done
     }
