@@ -2,9 +2,10 @@
 //! state returns is valid on the wire, and a resume is established only with the right MACs.
 //!
 //! Input: one role byte (0 server, 1 client new session, 2 client resume; taken modulo 3), then
-//! frame bytes. The server knows one session and draws "randomness" as fixed 0x42 bytes, so the
-//! seed corpus (written by `crates/backedpipe/tests/protocol_fuzz_corpus.rs`, which shares these
-//! constants) can carry complete valid handshakes.
+//! the bytes of the peer's first frame. The server knows one session (whose last accepted resume attempt is 2) and draws
+//! "randomness" as fixed 0x42 bytes, so the seed corpus (written by
+//! `crates/backedpipe/tests/protocol_fuzz_corpus.rs`, which shares these constants) can carry
+//! complete valid handshakes.
 #![no_main]
 
 use backedpipe::proto::{
@@ -16,6 +17,8 @@ const SESSION_ID: [u8; 16] = [1; 16];
 const SECRET: [u8; 32] = [2; 32];
 const SERVER_READER_SEQ: u64 = 5;
 const CLIENT_READER_SEQ: u64 = 9;
+const ATTEMPT: u64 = 3;
+const LAST_ATTEMPT: u64 = 2;
 const RANDOM_BYTE: u8 = 0x42;
 
 /// The frame sent must decode back to itself.
@@ -31,8 +34,9 @@ fuzz_target!(|data: &[u8]| {
     };
     let mut decoder = FrameDecoder::new();
     decoder.push(rest);
-    let mut frames = std::iter::from_fn(|| decoder.next_frame().ok().flatten());
-    let Some(first) = frames.next() else { return };
+    let Some(first) = decoder.next_frame().ok().flatten() else {
+        return;
+    };
     let id = SessionId::from_bytes(SESSION_ID);
     let secret = Secret::from_bytes(SECRET);
 
@@ -42,7 +46,7 @@ fuzz_target!(|data: &[u8]| {
                 if *asked == id {
                     SessionLookup::Found {
                         secret: secret.clone(),
-                        server_reader_seq: SERVER_READER_SEQ,
+                        last_attempt: LAST_ATTEMPT,
                     }
                 } else {
                     SessionLookup::Unknown
@@ -52,18 +56,12 @@ fuzz_target!(|data: &[u8]| {
             match server.handle_frame(first, &mut store) {
                 Err(failure) => failure.close.iter().for_each(check_sendable),
                 Ok(outcome) => {
-                    if let Some((next, challenge)) = outcome.into_challenge() {
-                        check_sendable(&challenge);
-                        let Some(proof) = frames.next() else { return };
-                        match next.handle_frame(proof) {
-                            Err(failure) => failure.close.iter().for_each(check_sendable),
-                            Ok(verified) => {
-                                assert_eq!(verified.session_id(), id);
-                                let (established, resumed) = verified.accept();
-                                check_sendable(&resumed);
-                                assert!(established.is_resume());
-                            }
-                        }
+                    if let Some(verified) = outcome.into_resume() {
+                        assert_eq!(verified.session_id(), id);
+                        assert!(verified.attempt() > LAST_ATTEMPT);
+                        let (established, resumed) = verified.accept(SERVER_READER_SEQ);
+                        check_sendable(&resumed);
+                        assert!(established.is_resume());
                     }
                 }
             }
@@ -73,18 +71,13 @@ fuzz_target!(|data: &[u8]| {
             Ok(established) => assert!(!established.is_resume()),
         },
         _ => {
-            let (client, _) = ClientHandshake::resume(id, secret, CLIENT_READER_SEQ);
+            let (client, hello) = ClientHandshake::resume(id, secret, ATTEMPT, CLIENT_READER_SEQ);
+            check_sendable(&hello);
             match client.handle_frame(first) {
                 Err(failure) => failure.close.iter().for_each(check_sendable),
-                Ok((next, proof)) => {
-                    check_sendable(&proof);
-                    let Some(resumed) = frames.next() else { return };
-                    match next.handle_frame(resumed) {
-                        Err(failure) => failure.close.iter().for_each(check_sendable),
-                        Ok(established) => {
-                            assert_eq!(established.local_reader_seq(), CLIENT_READER_SEQ)
-                        }
-                    }
+                Ok(established) => {
+                    assert_eq!(established.local_reader_seq(), CLIENT_READER_SEQ);
+                    assert_eq!(established.remote_reader_seq(), SERVER_READER_SEQ);
                 }
             }
         }

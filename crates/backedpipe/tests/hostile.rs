@@ -1,7 +1,7 @@
 //! Hostile input to session mode that `tests/session.rs` does not already cover: resume offsets
-//! outside what a side can replay (ahead of what it sent, or behind what it still keeps), an
-//! oversized frame in the handshake, and handshakes that stall (before HELLO, and after the
-//! server's CHALLENGE of a resume aimed at a live session). Each test checks the typed error,
+//! outside what a side can replay (ahead of what it sent, or behind what it still keeps),
+//! oversized or mis-sized frames in the handshake, and handshakes that stall (before HELLO, and
+//! halfway through a resume HELLO aimed at a live session). Each test checks the typed error,
 //! the close code the hostile peer receives, and that the live sessions carry on undisturbed.
 //! In-memory transports, paused time.
 
@@ -10,7 +10,7 @@ mod common;
 use std::time::Duration;
 
 use backedpipe::proto::{
-    server_proof, ClientHandshake, CloseCode, Frame, FrameDecoder, Hello, Nonce, Secret, SessionId,
+    server_proof, ClientHandshake, CloseCode, Frame, FrameDecoder, Hello, Mac, Secret, SessionId,
     HEADER_LEN,
 };
 use backedpipe::{
@@ -163,8 +163,8 @@ async fn raw_session(table: &SessionServer) -> (RawPeer, Session, SessionId, Sec
     (peer, session, id, established.secret().clone())
 }
 
-/// Runs a resume of `id` with a genuine proof for `client_reader_seq` on a new transport, and
-/// returns the close code the server answers the proof with and the accept's outcome.
+/// Runs the first resume of `id` with a genuine proof for `client_reader_seq` on a new
+/// transport, and returns the close code the server answers it with and the accept's outcome.
 async fn resume_at(
     table: &SessionServer,
     id: SessionId,
@@ -172,11 +172,8 @@ async fn resume_at(
     client_reader_seq: u64,
 ) -> (CloseCode, Result<Accepted, Error>) {
     let (mut peer, accept) = RawPeer::open(table);
-    let (state, hello) = ClientHandshake::resume(id, secret, client_reader_seq);
+    let (_expect_resumed, hello) = ClientHandshake::resume(id, secret, 1, client_reader_seq);
     peer.send(&hello).await;
-    let challenge = peer.recv().await.expect("CHALLENGE");
-    let (_expect_resumed, proof) = state.handle_frame(challenge).expect("a CHALLENGE");
-    peer.send(&proof).await;
     let code = peer.close_code().await;
     (code, accept.await.unwrap())
 }
@@ -278,20 +275,25 @@ async fn an_oversized_frame_in_place_of_hello_gets_frame_too_large() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn an_oversized_proof_aimed_at_a_live_session_gets_frame_too_large_and_leaves_it_attached() {
+async fn a_resume_hello_with_a_lying_length_aimed_at_a_live_session_is_refused_from_its_header() {
     guarded(async {
         let table = SessionServer::new(options());
         let (client, server) = live_session(&table).await;
-        let (mut peer, accept) = RawPeer::open(&table);
-        peer.send(&Frame::hello_resume(client.id(), 0)).await;
-        assert!(matches!(peer.recv().await, Some(Frame::Challenge(_))));
-        let mut header = [0u8; HEADER_LEN];
-        header[0] = 0x13;
-        header[1..].copy_from_slice(&(2u32 << 20).to_be_bytes());
-        peer.io.write_all(&header).await.unwrap();
-        assert_eq!(peer.close_code().await, CloseCode::FrameTooLarge);
-        assert!(matches!(accept.await.unwrap(), Err(Error::Protocol(_))));
-        assert_undisturbed(&client, &server).await;
+        for (length, code) in [
+            (2u32 << 20, CloseCode::FrameTooLarge),
+            (71, CloseCode::ProtocolViolation),
+        ] {
+            let (mut peer, accept) = RawPeer::open(&table);
+            // The start of a resume HELLO naming the live session, under a header announcing
+            // more than a HELLO holds: refused before the rest is read.
+            let mut hello =
+                Frame::hello_resume(client.id(), 1, 0, Mac::from_bytes([0; 32])).to_vec();
+            hello[1..HEADER_LEN].copy_from_slice(&length.to_be_bytes());
+            peer.io.write_all(&hello).await.unwrap();
+            assert_eq!(peer.close_code().await, code);
+            assert!(matches!(accept.await.unwrap(), Err(Error::Protocol(_))));
+            assert_undisturbed(&client, &server).await;
+        }
     })
     .await;
 }
@@ -315,15 +317,15 @@ async fn a_client_that_never_sends_hello_gets_a_close_when_the_handshake_times_o
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_resume_that_stalls_after_its_challenge_times_out_and_leaves_the_session_attached() {
+async fn a_resume_hello_that_stalls_halfway_times_out_and_leaves_the_session_attached() {
     guarded(async {
         let table = SessionServer::new(options());
         let (client, server) = live_session(&table).await;
         let started = tokio::time::Instant::now();
         let (mut peer, accept) = RawPeer::open(&table);
-        // Names the live session, takes the CHALLENGE, then never proves anything.
-        peer.send(&Frame::hello_resume(client.id(), 0)).await;
-        assert!(matches!(peer.recv().await, Some(Frame::Challenge(_))));
+        // Names the live session, then never sends the rest of its HELLO (the proof).
+        let hello = Frame::hello_resume(client.id(), 1, 0, Mac::from_bytes([0; 32])).to_vec();
+        peer.io.write_all(&hello[..HEADER_LEN + 30]).await.unwrap();
         // The live session goes on meanwhile ...
         assert_undisturbed(&client, &server).await;
         assert_eq!(peer.close_code().await, CloseCode::ProtocolViolation);
@@ -366,7 +368,6 @@ async fn lying_server(
     claimed: u64,
     closes: mpsc::UnboundedSender<Option<CloseCode>>,
 ) {
-    let nonce = Nonce::from_bytes([7; 32]);
     let mut first = true;
     while let Some(mut io) = transports.recv().await {
         let mut decoder = FrameDecoder::new();
@@ -393,15 +394,16 @@ async fn lying_server(
         while let Some(frame) = next_frame(&mut io, &mut decoder).await {
             let answer = match frame {
                 Frame::Hello(Hello::Resume {
-                    client_reader_seq, ..
+                    attempt,
+                    client_reader_seq,
+                    ..
                 }) => {
                     assert_eq!(client_reader_seq, 0, "the client read nothing");
-                    Frame::Challenge(nonce)
+                    Frame::Resumed {
+                        server_reader_seq: claimed,
+                        mac: server_proof(&secret, &id, attempt, 0, claimed),
+                    }
                 }
-                Frame::Proof(_) => Frame::Resumed {
-                    server_reader_seq: claimed,
-                    mac: server_proof(&secret, &id, &nonce, 0, claimed),
-                },
                 Frame::Close(close) => {
                     let _ = closes.send(Some(close.code()));
                     break;

@@ -19,13 +19,11 @@ fn sample_frames() -> Vec<Frame> {
         Frame::close(CloseCode::ProtocolViolation, "r".repeat(MAX_CLOSE_REASON)),
         Frame::fin(),
         Frame::hello_new(),
-        Frame::hello_resume(id, 12345),
+        Frame::hello_resume(id, 3, 12345, Mac::from_bytes([4; 32])),
         Frame::Welcome {
             session_id: id,
             secret: Secret::from_bytes([9; 32]),
         },
-        Frame::Challenge(Nonce::from_bytes([3; 32])),
-        Frame::Proof(Mac::from_bytes([4; 32])),
         Frame::Resumed {
             server_reader_seq: 77,
             mac: Mac::from_bytes([5; 32]),
@@ -114,11 +112,9 @@ fn bad_fixed_lengths_are_rejected_from_the_header() {
         (0x05, 3),   // CLOSE shorter than code + reason length
         (0x05, 261), // CLOSE with a reason over 256 bytes
         (0x06, 1),   // FIN with a payload
-        (0x10, 7),   // HELLO neither 6 nor 30
+        (0x10, 30),  // HELLO neither 6 nor 70
         (0x11, 47),  // WELCOME
-        (0x12, 33),  // CHALLENGE
-        (0x13, 31),  // PROOF
-        (0x14, 8),   // RESUMED
+        (0x12, 8),   // RESUMED
     ];
     for &(ty, length) in cases {
         let mut header = vec![ty];
@@ -163,7 +159,7 @@ fn hello_with_unknown_kind_or_a_length_not_matching_its_kind_is_rejected() {
         Frame::decode(&hello_payload(b"BKPP", 1, 7, &[])).unwrap_err(),
         DecodeError::UnknownHelloKind(7)
     );
-    // A resume HELLO cut to the new-session length, and a new-session HELLO padded to 30 bytes.
+    // A resume HELLO cut to the new-session length, and a new-session HELLO padded to 70 bytes.
     assert_eq!(
         Frame::decode(&hello_payload(b"BKPP", 1, 1, &[])).unwrap_err(),
         DecodeError::BadLength {
@@ -172,10 +168,10 @@ fn hello_with_unknown_kind_or_a_length_not_matching_its_kind_is_rejected() {
         }
     );
     assert_eq!(
-        Frame::decode(&hello_payload(b"BKPP", 1, 0, &[0; 24])).unwrap_err(),
+        Frame::decode(&hello_payload(b"BKPP", 1, 0, &[0; 64])).unwrap_err(),
         DecodeError::BadLength {
             frame_type: FrameType::Hello,
-            length: 30
+            length: 70
         }
     );
 }
@@ -292,13 +288,13 @@ pub fn arb_frame() -> impl Strategy<Value = Frame> {
         (code, "\\PC{0,100}").prop_map(|(c, r)| Frame::close(c, r)),
         Just(Frame::fin()),
         Just(Frame::hello_new()),
-        (id.clone(), any::<u64>()).prop_map(|(id, seq)| Frame::hello_resume(id, seq)),
+        (id.clone(), any::<u64>(), any::<u64>(), b32).prop_map(|(id, attempt, seq, m)| {
+            Frame::hello_resume(id, attempt, seq, Mac::from_bytes(m))
+        }),
         (id, b32).prop_map(|(session_id, s)| Frame::Welcome {
             session_id,
             secret: Secret::from_bytes(s)
         }),
-        b32.prop_map(|n| Frame::Challenge(Nonce::from_bytes(n))),
-        b32.prop_map(|m| Frame::Proof(Mac::from_bytes(m))),
         (any::<u64>(), b32).prop_map(|(server_reader_seq, m)| Frame::Resumed {
             server_reader_seq,
             mac: Mac::from_bytes(m)

@@ -11,7 +11,8 @@ const SESSION_ID: [u8; 16] = [1; 16];
 const SECRET: [u8; 32] = [2; 32];
 const SERVER_READER_SEQ: u64 = 5;
 const CLIENT_READER_SEQ: u64 = 9;
-const RANDOM_BYTE: u8 = 0x42;
+const ATTEMPT: u64 = 3;
+const LAST_ATTEMPT: u64 = 2;
 
 fn bytes(frames: &[Frame]) -> Vec<u8> {
     let mut out = Vec::new();
@@ -30,11 +31,11 @@ fn with_role(role: u8, frames: &[Frame]) -> Vec<u8> {
 fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     let id = SessionId::from_bytes(SESSION_ID);
     let secret = Secret::from_bytes(SECRET);
-    let nonce = Nonce::from_bytes([RANDOM_BYTE; 32]);
-    let proof = Frame::Proof(client_proof(&secret, &id, &nonce, CLIENT_READER_SEQ));
+    let proof = client_proof(&secret, &id, ATTEMPT, CLIENT_READER_SEQ);
+    let hello_resume = Frame::hello_resume(id, ATTEMPT, CLIENT_READER_SEQ, proof);
     let resumed = Frame::Resumed {
         server_reader_seq: SERVER_READER_SEQ,
-        mac: server_proof(&secret, &id, &nonce, CLIENT_READER_SEQ, SERVER_READER_SEQ),
+        mac: server_proof(&secret, &id, ATTEMPT, CLIENT_READER_SEQ, SERVER_READER_SEQ),
     };
     let welcome = Frame::Welcome {
         session_id: id,
@@ -50,10 +51,8 @@ fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     ];
     let handshake = vec![
         Frame::hello_new(),
-        Frame::hello_resume(id, CLIENT_READER_SEQ),
+        hello_resume.clone(),
         welcome.clone(),
-        Frame::Challenge(nonce),
-        proof.clone(),
         resumed.clone(),
     ];
     let mut truncated = bytes(&[Frame::ack(1)]);
@@ -75,19 +74,23 @@ fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         (
             "handshake",
             "seed-server-resume",
-            with_role(0, &[Frame::hello_resume(id, CLIENT_READER_SEQ), proof]),
+            with_role(0, &[hello_resume]),
         ),
         (
             "handshake",
             "seed-server-unknown",
-            with_role(0, &[Frame::hello_resume(SessionId::from_bytes([9; 16]), 0)]),
+            with_role(
+                0,
+                &[Frame::hello_resume(
+                    SessionId::from_bytes([9; 16]),
+                    1,
+                    0,
+                    Mac::from_bytes([0; 32]),
+                )],
+            ),
         ),
         ("handshake", "seed-client-new", with_role(1, &[welcome])),
-        (
-            "handshake",
-            "seed-client-resume",
-            with_role(2, &[Frame::Challenge(nonce), resumed]),
-        ),
+        ("handshake", "seed-client-resume", with_role(2, &[resumed])),
         (
             "handshake",
             "seed-client-refused",
@@ -118,21 +121,20 @@ fn committed_fuzz_seed_corpus_matches_the_encoder() {
 }
 
 #[test]
-fn seed_handshakes_complete_with_the_fuzz_targets_fixed_randomness() {
-    // The resume seeds carry MACs over the nonce the fuzz target's server draws (all 0x42 bytes).
+fn seed_handshakes_complete_with_the_fuzz_targets_session() {
+    // The resume seeds carry MACs the fuzz target's session (these constants) accepts.
     let id = SessionId::from_bytes(SESSION_ID);
     let secret = Secret::from_bytes(SECRET);
     let mut store = |_: &SessionId| SessionLookup::Found {
         secret: secret.clone(),
-        server_reader_seq: SERVER_READER_SEQ,
+        last_attempt: LAST_ATTEMPT,
     };
-    let (client, hello) = ClientHandshake::resume(id, secret.clone(), CLIENT_READER_SEQ);
-    let (server, challenge) = ServerHandshake::with_random(|b| b.fill(RANDOM_BYTE))
+    let (client, hello) = ClientHandshake::resume(id, secret.clone(), ATTEMPT, CLIENT_READER_SEQ);
+    let verified = ServerHandshake::new()
         .handle_frame(hello, &mut store)
         .unwrap()
-        .into_challenge()
+        .into_resume()
         .unwrap();
-    let (client, proof) = client.handle_frame(challenge).unwrap();
-    let (_, resumed) = server.handle_frame(proof).unwrap().accept();
+    let (_, resumed) = verified.accept(SERVER_READER_SEQ);
     client.handle_frame(resumed).unwrap();
 }

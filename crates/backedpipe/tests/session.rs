@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use backedpipe::proto::{CloseCode, Frame, FrameDecoder, Mac, SessionId, HEADER_LEN};
+use backedpipe::proto::{CloseCode, Frame, FrameDecoder, Hello, Mac, SessionId, HEADER_LEN};
 use backedpipe::session::SessionConfig;
 use backedpipe::{
     connector_fn, Accepted, BoxIo, Error, PipeConfig, PipeState, Session, SessionOptions,
@@ -594,9 +594,13 @@ async fn a_resume_with_a_wrong_secret_is_refused_and_the_live_session_is_untouch
     guarded(async {
         let (_harness, client, server, table) = live_session().await;
         let (mut peer, accept) = RawPeer::open(&table);
-        peer.send(Frame::hello_resume(client.id(), 0)).await;
-        assert!(matches!(peer.recv().await, Some(Frame::Challenge(_))));
-        peer.send(Frame::Proof(Mac::from_bytes([0x42; 32]))).await;
+        peer.send(Frame::hello_resume(
+            client.id(),
+            1,
+            0,
+            Mac::from_bytes([0x42; 32]),
+        ))
+        .await;
         assert_eq!(peer.close_code().await, CloseCode::AuthenticationFailed);
         assert!(matches!(
             accept.await.unwrap(),
@@ -611,7 +615,7 @@ async fn a_resume_with_a_wrong_secret_is_refused_and_the_live_session_is_untouch
 async fn a_captured_resume_handshake_replayed_is_refused() {
     guarded(async {
         let (harness, client, server, table) = live_session().await;
-        // Force a genuine resume and capture its HELLO and PROOF off the wire.
+        // Force a genuine resume and capture its HELLO off the wire.
         harness.set_links(LinkState::Cut);
         client.write(b"x").await.unwrap();
         let mut x = [0u8; 1];
@@ -620,13 +624,13 @@ async fn a_captured_resume_handshake_replayed_is_refused() {
         let mut decoder = FrameDecoder::new();
         decoder.push(&captured);
         let hello = decoder.next_frame().unwrap().expect("captured HELLO");
-        let proof = decoder.next_frame().unwrap().expect("captured PROOF");
-        assert!(matches!(proof, Frame::Proof(_)));
-        // An attacker replays them on a new connection: the server's fresh nonce defeats it.
+        assert!(matches!(
+            hello,
+            Frame::Hello(Hello::Resume { attempt: 1, .. })
+        ));
+        // An attacker replays it on a new connection: its attempt number is spent.
         let (mut peer, accept) = RawPeer::open(&table);
         peer.send(hello).await;
-        assert!(matches!(peer.recv().await, Some(Frame::Challenge(_))));
-        peer.send(proof).await;
         assert_eq!(peer.close_code().await, CloseCode::AuthenticationFailed);
         assert!(matches!(
             accept.await.unwrap(),
@@ -643,7 +647,13 @@ async fn a_resume_of_an_unknown_session_gets_session_unknown() {
         let (_harness, client, server, table) = live_session().await;
         let (mut peer, accept) = RawPeer::open(&table);
         let stranger = SessionId::from_bytes([9; 16]);
-        peer.send(Frame::hello_resume(stranger, 0)).await;
+        peer.send(Frame::hello_resume(
+            stranger,
+            1,
+            0,
+            Mac::from_bytes([0; 32]),
+        ))
+        .await;
         assert_eq!(peer.close_code().await, CloseCode::UnknownSession);
         match accept.await.unwrap() {
             Err(Error::SessionUnknown(id)) => assert_eq!(id, stranger),

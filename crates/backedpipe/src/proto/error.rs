@@ -39,8 +39,9 @@ pub enum CloseCode {
     /// 2: a frame header announced more than [`MAX_FRAME_PAYLOAD`](super::MAX_FRAME_PAYLOAD)
     /// bytes. The receiver ends the session (the sender has a bug or a different limit).
     FrameTooLarge = 2,
-    /// 3: a resume proof (PROOF or RESUMED) did not verify. The receiver ends the session and does
-    /// not retry with the same secret: either the secret is wrong or someone is interfering.
+    /// 3: a resume proof (in HELLO or RESUMED) did not verify, or a HELLO was replayed. The
+    /// receiver ends the session and does not retry with the same secret: either the secret is
+    /// wrong or someone is interfering.
     AuthenticationFailed = 3,
     /// 4: the server has no session with the id in HELLO (it restarted or never issued it). The
     /// client gives up on the session with a clear error; it may start a new session.
@@ -215,11 +216,22 @@ pub enum HandshakeError {
         /// What arrived.
         got: FrameType,
     },
-    /// The client's PROOF did not verify (wrong secret, or a proof replayed from another
-    /// handshake). The server closes with [`CloseCode::AuthenticationFailed`]; the live session, if
-    /// any, is not touched.
+    /// The proof in the client's resume HELLO did not verify (a wrong secret, or fields altered
+    /// on the way). The server closes with [`CloseCode::AuthenticationFailed`]; the live session,
+    /// if any, is not touched.
     #[error("client failed to prove knowledge of the session secret")]
     AuthenticationFailed,
+    /// A resume HELLO with a valid proof but an attempt number the server already accepted (or
+    /// a smaller one): a captured HELLO sent again, or an older attempt that lost a race with a
+    /// newer one. The server closes with [`CloseCode::AuthenticationFailed`]; the live session,
+    /// if any, is not touched.
+    #[error("resume attempt {attempt} is not newer than attempt {last_attempt}, already accepted")]
+    ReplayedResume {
+        /// The attempt number in the HELLO.
+        attempt: u64,
+        /// The largest attempt number the server has accepted for the session.
+        last_attempt: u64,
+    },
     /// The server's RESUMED MAC did not verify: the server is not who it claims, or someone altered
     /// the sequence numbers. The client closes with [`CloseCode::AuthenticationFailed`] and does
     /// not send data.
@@ -253,9 +265,9 @@ impl HandshakeError {
     pub fn close_code(&self) -> Option<CloseCode> {
         Some(match self {
             HandshakeError::UnexpectedFrame { .. } => CloseCode::ProtocolViolation,
-            HandshakeError::AuthenticationFailed | HandshakeError::ServerAuthenticationFailed => {
-                CloseCode::AuthenticationFailed
-            }
+            HandshakeError::AuthenticationFailed
+            | HandshakeError::ReplayedResume { .. }
+            | HandshakeError::ServerAuthenticationFailed => CloseCode::AuthenticationFailed,
             HandshakeError::UnknownSession(_) => CloseCode::UnknownSession,
             HandshakeError::SessionExpired(_) => CloseCode::SessionExpired,
             HandshakeError::ClosedByPeer { .. } => return None,

@@ -11,7 +11,7 @@ use std::fmt;
 use bytes::{BufMut, Bytes};
 
 use super::error::DecodeError;
-use super::{CloseCode, Mac, Nonce, Secret, SessionId};
+use super::{CloseCode, Mac, Secret, SessionId};
 
 /// The size of a frame header: one type byte and a big-endian `u32` payload length.
 pub const HEADER_LEN: usize = 5;
@@ -36,8 +36,9 @@ pub const MAX_CLOSE_REASON: usize = 256;
 
 /// Payload length of HELLO for a new session: magic, version, kind.
 const HELLO_NEW_LEN: u32 = 6;
-/// Payload length of HELLO for a resume: magic, version, kind, session id, client reader seq.
-const HELLO_RESUME_LEN: u32 = 6 + 16 + 8;
+/// Payload length of HELLO for a resume: magic, version, kind, session id, attempt, client
+/// reader seq, proof.
+const HELLO_RESUME_LEN: u32 = 6 + 16 + 8 + 8 + 32;
 
 /// The kind byte of a HELLO asking for a new session.
 const HELLO_KIND_NEW: u8 = 0;
@@ -72,17 +73,13 @@ pub enum FrameType {
     Hello = 0x10,
     /// The server's answer to a new-session HELLO: session id and secret.
     Welcome = 0x11,
-    /// The server's answer to a resume HELLO: a fresh nonce.
-    Challenge = 0x12,
-    /// The client's proof of the secret over the nonce.
-    Proof = 0x13,
     /// The server's acceptance of a resume, with its own proof.
-    Resumed = 0x14,
+    Resumed = 0x12,
 }
 
 impl FrameType {
     /// Every frame type, in type-byte order.
-    pub const ALL: [FrameType; 11] = [
+    pub const ALL: [FrameType; 9] = [
         FrameType::Data,
         FrameType::Ack,
         FrameType::Ping,
@@ -91,8 +88,6 @@ impl FrameType {
         FrameType::Fin,
         FrameType::Hello,
         FrameType::Welcome,
-        FrameType::Challenge,
-        FrameType::Proof,
         FrameType::Resumed,
     ];
 
@@ -112,8 +107,6 @@ impl FrameType {
             FrameType::Fin => "FIN",
             FrameType::Hello => "HELLO",
             FrameType::Welcome => "WELCOME",
-            FrameType::Challenge => "CHALLENGE",
-            FrameType::Proof => "PROOF",
             FrameType::Resumed => "RESUMED",
         }
     }
@@ -128,7 +121,6 @@ impl FrameType {
             FrameType::Fin => length == 0,
             FrameType::Hello => length == HELLO_NEW_LEN || length == HELLO_RESUME_LEN,
             FrameType::Welcome => length == 16 + 32,
-            FrameType::Challenge | FrameType::Proof => length == 32,
             FrameType::Resumed => length == 8 + 32,
         }
     }
@@ -182,23 +174,29 @@ impl FrameHeader {
 /// What a client asks for in its HELLO.
 ///
 /// ```
-/// use backedpipe::proto::{Frame, Hello, SessionId};
+/// use backedpipe::proto::{Frame, Hello, Mac, SessionId};
 ///
-/// let hello = Frame::hello_resume(SessionId::from_bytes([7; 16]), 1234);
-/// assert!(matches!(hello, Frame::Hello(Hello::Resume { client_reader_seq: 1234, .. })));
+/// let hello = Frame::hello_resume(SessionId::from_bytes([7; 16]), 1, 1234, Mac::from_bytes([0; 32]));
+/// assert!(matches!(hello, Frame::Hello(Hello::Resume { attempt: 1, client_reader_seq: 1234, .. })));
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Hello {
     /// Start a new session; the server answers WELCOME.
     NewSession,
-    /// Resume a session; the server answers CHALLENGE.
+    /// Resume a session, proving the secret; the server answers RESUMED.
     Resume {
         /// The session to resume.
         session_id: SessionId,
+        /// The client's count of its resume attempts for this session (1, 2, ...): each attempt
+        /// uses a larger number than any before, and the server accepts only a number larger
+        /// than any it accepted, so a captured HELLO cannot be replayed.
+        attempt: u64,
         /// How many bytes of the server's stream the client has delivered to its application:
         /// the server replays from here. Hostile input to the server until checked against its
         /// replay buffer.
         client_reader_seq: u64,
+        /// The client's MAC over the fields above (see [`client_proof`](super::client_proof)).
+        proof: Mac,
     },
 }
 
@@ -288,10 +286,6 @@ pub enum Frame {
         /// The new session's secret, which both sides keep to authenticate resumes.
         secret: Secret,
     },
-    /// CHALLENGE: the server's fresh nonce for a resume.
-    Challenge(Nonce),
-    /// PROOF: the client's MAC over the nonce (see [`client_proof`](super::client_proof)).
-    Proof(Mac),
     /// RESUMED: the server accepts a resume.
     Resumed {
         /// How many bytes of the client's stream the server has delivered to its application: the
@@ -358,12 +352,20 @@ impl Frame {
         Frame::Hello(Hello::NewSession)
     }
 
-    /// HELLO asking to resume `session_id`, having delivered `client_reader_seq` bytes of the
-    /// server's stream.
-    pub fn hello_resume(session_id: SessionId, client_reader_seq: u64) -> Frame {
+    /// HELLO asking to resume `session_id` with this attempt number, having delivered
+    /// `client_reader_seq` bytes of the server's stream; `proof` is the
+    /// [`client_proof`](super::client_proof) over them.
+    pub fn hello_resume(
+        session_id: SessionId,
+        attempt: u64,
+        client_reader_seq: u64,
+        proof: Mac,
+    ) -> Frame {
         Frame::Hello(Hello::Resume {
             session_id,
+            attempt,
             client_reader_seq,
+            proof,
         })
     }
 
@@ -378,8 +380,6 @@ impl Frame {
             Frame::Fin => FrameType::Fin,
             Frame::Hello(_) => FrameType::Hello,
             Frame::Welcome { .. } => FrameType::Welcome,
-            Frame::Challenge(_) => FrameType::Challenge,
-            Frame::Proof(_) => FrameType::Proof,
             Frame::Resumed { .. } => FrameType::Resumed,
         }
     }
@@ -394,7 +394,6 @@ impl Frame {
             Frame::Hello(Hello::NewSession) => HELLO_NEW_LEN as usize,
             Frame::Hello(Hello::Resume { .. }) => HELLO_RESUME_LEN as usize,
             Frame::Welcome { .. } => 48,
-            Frame::Challenge(_) | Frame::Proof(_) => 32,
             Frame::Resumed { .. } => 40,
         }
     }
@@ -433,11 +432,15 @@ impl Frame {
                     Hello::NewSession => out.put_u8(HELLO_KIND_NEW),
                     Hello::Resume {
                         session_id,
+                        attempt,
                         client_reader_seq,
+                        proof,
                     } => {
                         out.put_u8(HELLO_KIND_RESUME);
                         out.put_slice(session_id.as_bytes());
+                        out.put_u64(*attempt);
                         out.put_u64(*client_reader_seq);
+                        out.put_slice(proof.as_bytes());
                     }
                 }
             }
@@ -445,8 +448,6 @@ impl Frame {
                 out.put_slice(session_id.as_bytes());
                 out.put_slice(secret.as_bytes());
             }
-            Frame::Challenge(nonce) => out.put_slice(nonce.as_bytes()),
-            Frame::Proof(mac) => out.put_slice(mac.as_bytes()),
             Frame::Resumed {
                 server_reader_seq,
                 mac,
@@ -545,7 +546,9 @@ impl Frame {
                     (HELLO_KIND_NEW, HELLO_NEW_LEN) => Frame::Hello(Hello::NewSession),
                     (HELLO_KIND_RESUME, HELLO_RESUME_LEN) => Frame::Hello(Hello::Resume {
                         session_id: SessionId::from_bytes(array(&p[6..22])),
-                        client_reader_seq: be_u64(&p[22..30]),
+                        attempt: be_u64(&p[22..30]),
+                        client_reader_seq: be_u64(&p[30..38]),
+                        proof: Mac::from_bytes(array(&p[38..70])),
                     }),
                     (HELLO_KIND_NEW | HELLO_KIND_RESUME, _) => return Err(bad_length()),
                     (kind, _) => return Err(DecodeError::UnknownHelloKind(kind)),
@@ -555,8 +558,6 @@ impl Frame {
                 session_id: SessionId::from_bytes(array(&p[..16])),
                 secret: Secret::from_bytes(array(&p[16..48])),
             },
-            FrameType::Challenge => Frame::Challenge(Nonce::from_bytes(array(p))),
-            FrameType::Proof => Frame::Proof(Mac::from_bytes(array(p))),
             FrameType::Resumed => Frame::Resumed {
                 server_reader_seq: be_u64(&p[..8]),
                 mac: Mac::from_bytes(array(&p[8..40])),

@@ -1,6 +1,6 @@
 //! The handshake as sans-IO state machines: each state is a type named for the frame it waits for
 //! (`Expect*`), and handling a frame consumes the state and returns the next one, the frame to send,
-//! or a [`HandshakeFailure`] carrying the CLOSE to send.
+//! or a [`HandshakeFailure`] carrying the CLOSE to send. Either handshake is one frame each way.
 //!
 //! ```text
 //! client                                   server
@@ -8,10 +8,11 @@
 //! ExpectWelcome ◀──────────── WELCOME(id, secret) ── Established
 //! Established
 //!
-//! ClientHandshake::resume ─ HELLO(resume, id, cseq) ─▶ ExpectHello (looks up id)
-//! ExpectChallenge ◀──────────── CHALLENGE(nonce) ── ExpectProof
-//! ExpectResumed ── PROOF(client_proof) ──────────▶ ResumeVerified (caller checks cseq)
-//! Established ◀── RESUMED(sseq, server_proof) ─── Established
+//! ClientHandshake::resume ── HELLO(resume, id, attempt, cseq, proof) ──▶ ExpectHello
+//!                                                   (looks up id, verifies proof and attempt)
+//! ExpectResumed                                     ResumeVerified (caller records the attempt,
+//!                                                   checks cseq)
+//! Established ◀──────── RESUMED(sseq, mac) ──────── Established
 //! ```
 //!
 //! Only these transitions produce an [`Established`], whose constructor is private, so no stream
@@ -24,7 +25,7 @@ use sha2::Sha256;
 
 use super::error::HandshakeError;
 use super::frame::{Frame, Hello};
-use super::{CloseCode, Mac, Nonce, Secret, SessionId};
+use super::{CloseCode, Mac, Secret, SessionId};
 
 /// The label that opens the input of the client's resume MAC (24 bytes).
 pub const CLIENT_PROOF_LABEL: &[u8; 24] = b"backedpipe resume client";
@@ -40,24 +41,24 @@ fn hmac(secret: &Secret, parts: &[&[u8]]) -> Mac {
     Mac::from_bytes(mac.finalize().into_bytes().into())
 }
 
-/// The client's PROOF: `HMAC-SHA256(secret, "backedpipe resume client" || session id || nonce ||
-/// client reader seq as u64 BE)`. Every input has a fixed length, so the concatenation is
-/// unambiguous.
+/// The proof in a resume HELLO: `HMAC-SHA256(secret, "backedpipe resume client" || session id ||
+/// attempt as u64 BE || client reader seq as u64 BE)`. Every input has a fixed length, so the
+/// concatenation is unambiguous.
 ///
 /// ```
-/// use backedpipe::proto::{client_proof, server_proof, Nonce, Secret, SessionId};
+/// use backedpipe::proto::{client_proof, server_proof, Secret, SessionId};
 ///
-/// let (secret, id, nonce) = (Secret::from_bytes([1; 32]), SessionId::from_bytes([2; 16]),
-///                            Nonce::from_bytes([3; 32]));
-/// assert_eq!(client_proof(&secret, &id, &nonce, 10), client_proof(&secret, &id, &nonce, 10));
-/// assert_ne!(client_proof(&secret, &id, &nonce, 10), client_proof(&secret, &id, &nonce, 11));
-/// assert_ne!(client_proof(&secret, &id, &nonce, 10).as_bytes(),
-///            server_proof(&secret, &id, &nonce, 10, 0).as_bytes());
+/// let (secret, id) = (Secret::from_bytes([1; 32]), SessionId::from_bytes([2; 16]));
+/// assert_eq!(client_proof(&secret, &id, 1, 10), client_proof(&secret, &id, 1, 10));
+/// assert_ne!(client_proof(&secret, &id, 1, 10), client_proof(&secret, &id, 1, 11));
+/// assert_ne!(client_proof(&secret, &id, 1, 10), client_proof(&secret, &id, 2, 10));
+/// assert_ne!(client_proof(&secret, &id, 1, 10).as_bytes(),
+///            server_proof(&secret, &id, 1, 10, 0).as_bytes());
 /// ```
 pub fn client_proof(
     secret: &Secret,
     session_id: &SessionId,
-    nonce: &Nonce,
+    attempt: u64,
     client_reader_seq: u64,
 ) -> Mac {
     hmac(
@@ -65,19 +66,20 @@ pub fn client_proof(
         &[
             CLIENT_PROOF_LABEL,
             session_id.as_bytes(),
-            nonce.as_bytes(),
+            &attempt.to_be_bytes(),
             &client_reader_seq.to_be_bytes(),
         ],
     )
 }
 
 /// The server's RESUMED MAC: `HMAC-SHA256(secret, "backedpipe resume server" || session id ||
-/// nonce || client reader seq as u64 BE || server reader seq as u64 BE)`. It binds both sequence
-/// numbers, so neither can be altered on the wire.
+/// attempt as u64 BE || client reader seq as u64 BE || server reader seq as u64 BE)`. It binds
+/// both sequence numbers, so neither can be altered on the wire, and the client's attempt, so a
+/// RESUMED captured from one resume verifies in no other.
 pub fn server_proof(
     secret: &Secret,
     session_id: &SessionId,
-    nonce: &Nonce,
+    attempt: u64,
     client_reader_seq: u64,
     server_reader_seq: u64,
 ) -> Mac {
@@ -86,7 +88,7 @@ pub fn server_proof(
         &[
             SERVER_PROOF_LABEL,
             session_id.as_bytes(),
-            nonce.as_bytes(),
+            &attempt.to_be_bytes(),
             &client_reader_seq.to_be_bytes(),
             &server_reader_seq.to_be_bytes(),
         ],
@@ -209,11 +211,11 @@ impl Established {
 /// The client side's starting point.
 ///
 /// ```
-/// use backedpipe::proto::{ClientHandshake, Frame, Secret, SessionId};
+/// use backedpipe::proto::{client_proof, ClientHandshake, Frame, Secret, SessionId};
 ///
-/// let (_state, hello) = ClientHandshake::resume(SessionId::from_bytes([1; 16]),
-///                                               Secret::from_bytes([2; 32]), 99);
-/// assert_eq!(hello, Frame::hello_resume(SessionId::from_bytes([1; 16]), 99));
+/// let (id, secret) = (SessionId::from_bytes([1; 16]), Secret::from_bytes([2; 32]));
+/// let (_state, hello) = ClientHandshake::resume(id, secret.clone(), 3, 99);
+/// assert_eq!(hello, Frame::hello_resume(id, 3, 99, client_proof(&secret, &id, 3, 99)));
 /// ```
 #[derive(Debug, Clone, Copy)]
 pub struct ClientHandshake;
@@ -226,19 +228,27 @@ impl ClientHandshake {
     }
 
     /// Starts resuming `session_id`, having delivered `client_reader_seq` bytes of the server's
-    /// stream: send the returned HELLO, then feed the server's answer to [`ExpectChallenge`].
+    /// stream: send the returned HELLO (which carries the proof), then feed the server's answer
+    /// to [`ExpectResumed`].
+    ///
+    /// `attempt` must be larger than in any earlier resume of this session by this client
+    /// (count them from 1): the server refuses an attempt number it has seen, which is what
+    /// defeats a replayed HELLO.
     pub fn resume(
         session_id: SessionId,
         secret: Secret,
+        attempt: u64,
         client_reader_seq: u64,
-    ) -> (ExpectChallenge, Frame) {
+    ) -> (ExpectResumed, Frame) {
+        let proof = client_proof(&secret, &session_id, attempt, client_reader_seq);
         (
-            ExpectChallenge {
+            ExpectResumed {
                 session_id,
                 secret,
+                attempt,
                 client_reader_seq,
             },
-            Frame::hello_resume(session_id, client_reader_seq),
+            Frame::hello_resume(session_id, attempt, client_reader_seq, proof),
         )
     }
 }
@@ -266,53 +276,19 @@ impl ExpectWelcome {
     }
 }
 
-/// Client, resume: waiting for CHALLENGE.
-#[derive(Debug)]
-pub struct ExpectChallenge {
-    session_id: SessionId,
-    secret: Secret,
-    client_reader_seq: u64,
-}
-
-impl ExpectChallenge {
-    /// Handles the server's frame: CHALLENGE yields the PROOF to send and the next state; a CLOSE
-    /// (for instance [`CloseCode::UnknownSession`]) or anything else fails.
-    pub fn handle_frame(self, frame: Frame) -> Result<(ExpectResumed, Frame), HandshakeFailure> {
-        match frame {
-            Frame::Challenge(nonce) => {
-                let proof = client_proof(
-                    &self.secret,
-                    &self.session_id,
-                    &nonce,
-                    self.client_reader_seq,
-                );
-                Ok((
-                    ExpectResumed {
-                        session_id: self.session_id,
-                        secret: self.secret,
-                        client_reader_seq: self.client_reader_seq,
-                        nonce,
-                    },
-                    Frame::Proof(proof),
-                ))
-            }
-            other => Err(unexpected("CHALLENGE", other)),
-        }
-    }
-}
-
-/// Client, resume: PROOF sent, waiting for RESUMED.
+/// Client, resume: HELLO sent, waiting for RESUMED.
 #[derive(Debug)]
 pub struct ExpectResumed {
     session_id: SessionId,
     secret: Secret,
+    attempt: u64,
     client_reader_seq: u64,
-    nonce: Nonce,
 }
 
 impl ExpectResumed {
     /// Handles the server's frame: a RESUMED whose MAC verifies (constant-time) establishes the
-    /// session; a wrong MAC is [`HandshakeError::ServerAuthenticationFailed`].
+    /// session; a wrong MAC is [`HandshakeError::ServerAuthenticationFailed`]; a CLOSE (for
+    /// instance [`CloseCode::UnknownSession`]) or any other frame fails.
     pub fn handle_frame(self, frame: Frame) -> Result<Established, HandshakeFailure> {
         match frame {
             Frame::Resumed {
@@ -322,7 +298,7 @@ impl ExpectResumed {
                 let expected = server_proof(
                     &self.secret,
                     &self.session_id,
-                    &self.nonce,
+                    self.attempt,
                     self.client_reader_seq,
                     server_reader_seq,
                 );
@@ -350,8 +326,9 @@ pub enum SessionLookup {
     Found {
         /// Its secret.
         secret: Secret,
-        /// How many bytes of the client's stream the server has delivered.
-        server_reader_seq: u64,
+        /// The largest resume attempt number accepted for it so far (0 before the first
+        /// resume): a HELLO must carry a larger one.
+        last_attempt: u64,
     },
     /// No such session.
     Unknown,
@@ -372,7 +349,7 @@ impl<F: FnMut(&SessionId) -> SessionLookup> SessionStore for F {
     }
 }
 
-/// A source of random bytes for the server (session ids, secrets, nonces).
+/// A source of random bytes for the server (session ids and secrets).
 type RandomFn = Box<dyn FnMut(&mut [u8]) -> Result<(), HandshakeError> + Send>;
 
 /// The server side's starting point: [`ServerHandshake::new`] gives the [`ExpectHello`] state.
@@ -425,14 +402,9 @@ pub enum HelloOutcome {
         /// The WELCOME to send.
         welcome: Frame,
     },
-    /// The client wants to resume a known session: send `challenge`, then feed the reply to
-    /// `next`.
-    Challenge {
-        /// The next state.
-        next: ExpectProof,
-        /// The CHALLENGE to send.
-        challenge: Frame,
-    },
+    /// The client proved it holds a known session: record the attempt, check the offset and
+    /// accept or refuse (see [`ResumeVerified`]).
+    Resume(ResumeVerified),
 }
 
 impl HelloOutcome {
@@ -443,14 +415,14 @@ impl HelloOutcome {
                 established,
                 welcome,
             } => Some((established, welcome)),
-            HelloOutcome::Challenge { .. } => None,
+            HelloOutcome::Resume(_) => None,
         }
     }
 
-    /// The resume state and its CHALLENGE, or `None` if this is a new session.
-    pub fn into_challenge(self) -> Option<(ExpectProof, Frame)> {
+    /// The verified resume, or `None` if this is a new session.
+    pub fn into_resume(self) -> Option<ResumeVerified> {
         match self {
-            HelloOutcome::Challenge { next, challenge } => Some((next, challenge)),
+            HelloOutcome::Resume(verified) => Some(verified),
             HelloOutcome::NewSession { .. } => None,
         }
     }
@@ -458,11 +430,14 @@ impl HelloOutcome {
 
 impl ExpectHello {
     /// Handles the client's first frame. A new-session HELLO creates a session (random id and
-    /// secret); a resume HELLO looks the id up in `store` and answers with a fresh nonce, or fails
-    /// with [`HandshakeError::UnknownSession`] / [`HandshakeError::SessionExpired`].
+    /// secret). A resume HELLO looks the id up in `store` and verifies its proof (constant-time)
+    /// and its attempt number; it fails with [`HandshakeError::UnknownSession`],
+    /// [`HandshakeError::SessionExpired`], [`HandshakeError::AuthenticationFailed`] (a wrong
+    /// proof) or [`HandshakeError::ReplayedResume`] (an attempt number not above the last one
+    /// accepted: a captured HELLO sent again).
     ///
-    /// The client reader seq in a resume HELLO is accepted as is here; it is checked by the caller
-    /// after authentication (see [`ResumeVerified`]).
+    /// The client reader seq in a resume HELLO is authenticated here but not judged; the caller
+    /// checks it against its replay buffer (see [`ResumeVerified`]).
     pub fn handle_frame(
         mut self,
         frame: Frame,
@@ -492,13 +467,15 @@ impl ExpectHello {
             }
             Frame::Hello(Hello::Resume {
                 session_id,
+                attempt,
                 client_reader_seq,
+                proof,
             }) => {
-                let (secret, server_reader_seq) = match store.lookup(&session_id) {
+                let (secret, last_attempt) = match store.lookup(&session_id) {
                     SessionLookup::Found {
                         secret,
-                        server_reader_seq,
-                    } => (secret, server_reader_seq),
+                        last_attempt,
+                    } => (secret, last_attempt),
                     SessionLookup::Unknown => {
                         return Err(HandshakeError::UnknownSession(session_id).into())
                     }
@@ -506,59 +483,24 @@ impl ExpectHello {
                         return Err(HandshakeError::SessionExpired(session_id).into())
                     }
                 };
-                let mut nonce = [0u8; 32];
-                (self.random)(&mut nonce)?;
-                let nonce = Nonce::from_bytes(nonce);
-                Ok(HelloOutcome::Challenge {
-                    next: ExpectProof {
-                        session_id,
-                        secret,
-                        client_reader_seq,
-                        server_reader_seq,
-                        nonce,
-                    },
-                    challenge: Frame::Challenge(nonce),
-                })
-            }
-            other => Err(unexpected("HELLO", other)),
-        }
-    }
-}
-
-/// Server, resume: CHALLENGE sent, waiting for PROOF.
-#[derive(Debug)]
-pub struct ExpectProof {
-    session_id: SessionId,
-    secret: Secret,
-    client_reader_seq: u64,
-    server_reader_seq: u64,
-    nonce: Nonce,
-}
-
-impl ExpectProof {
-    /// The nonce sent in CHALLENGE.
-    pub fn nonce(&self) -> &Nonce {
-        &self.nonce
-    }
-
-    /// Handles the client's frame: a PROOF that verifies (constant-time, against this attempt's
-    /// fresh nonce) yields [`ResumeVerified`]; a wrong one is
-    /// [`HandshakeError::AuthenticationFailed`].
-    pub fn handle_frame(self, frame: Frame) -> Result<ResumeVerified, HandshakeFailure> {
-        match frame {
-            Frame::Proof(mac) => {
-                let expected = client_proof(
-                    &self.secret,
-                    &self.session_id,
-                    &self.nonce,
-                    self.client_reader_seq,
-                );
-                if mac != expected {
+                if proof != client_proof(&secret, &session_id, attempt, client_reader_seq) {
                     return Err(HandshakeError::AuthenticationFailed.into());
                 }
-                Ok(ResumeVerified { state: self })
+                if attempt <= last_attempt {
+                    return Err(HandshakeError::ReplayedResume {
+                        attempt,
+                        last_attempt,
+                    }
+                    .into());
+                }
+                Ok(HelloOutcome::Resume(ResumeVerified {
+                    session_id,
+                    secret,
+                    attempt,
+                    client_reader_seq,
+                }))
             }
-            other => Err(unexpected("PROOF", other)),
+            other => Err(unexpected("HELLO", other)),
         }
     }
 }
@@ -566,75 +508,79 @@ impl ExpectProof {
 /// Proof that a client authenticated a resume. The only way for the server to an [`Established`]
 /// resume.
 ///
-/// Before accepting, the caller must check [`client_reader_seq`](Self::client_reader_seq) against
-/// its replay buffer: it must lie in [oldest byte kept, next byte to send]. The MAC proves the
-/// client knows the secret, not that its offset is sane. If it is not,
-/// [`refuse`](Self::refuse) with [`CloseCode::ReplayUnavailable`].
+/// Before accepting, the caller must
+/// - record [`attempt`](Self::attempt) as the session's last accepted attempt, atomically with
+///   checking that it is still larger than the one recorded (two resumes may race; the older
+///   one is refused with [`HandshakeError::ReplayedResume`]'s close code), so that this HELLO
+///   can never be accepted again;
+/// - check [`client_reader_seq`](Self::client_reader_seq) against its replay buffer: it must lie
+///   in [oldest byte kept, next byte to send]. The MAC proves the client knows the secret, not
+///   that its offset is sane. If it is not, [`refuse`](Self::refuse) with
+///   [`CloseCode::ReplayUnavailable`].
 ///
 /// ```
 /// use backedpipe::proto::*;
 ///
 /// let (id, secret) = (SessionId::from_bytes([1; 16]), Secret::from_bytes([2; 32]));
-/// let (client, hello) = ClientHandshake::resume(id, secret.clone(), 5);
-/// let mut store = |_: &SessionId| SessionLookup::Found { secret: secret.clone(), server_reader_seq: 9 };
-/// let (server, challenge) = ServerHandshake::new().handle_frame(hello, &mut store).unwrap()
-///     .into_challenge().unwrap();
-/// let (client, proof) = client.handle_frame(challenge).unwrap();
-/// let verified = server.handle_frame(proof).unwrap();
+/// let (client, hello) = ClientHandshake::resume(id, secret.clone(), 1, 5);
+/// let mut store = |_: &SessionId| SessionLookup::Found { secret: secret.clone(), last_attempt: 0 };
+/// let verified = ServerHandshake::new().handle_frame(hello, &mut store).unwrap()
+///     .into_resume().unwrap();
+/// assert_eq!(verified.attempt(), 1); // record it as the session's last attempt here
 /// assert_eq!(verified.client_reader_seq(), 5); // check it against the replay buffer here
-/// let (server_side, resumed) = verified.accept();
+/// let (server_side, resumed) = verified.accept(9);
 /// let client_side = client.handle_frame(resumed).unwrap();
 /// assert_eq!(client_side.remote_reader_seq(), 9);
 /// assert_eq!(server_side.remote_reader_seq(), 5);
 /// ```
 #[derive(Debug)]
 pub struct ResumeVerified {
-    state: ExpectProof,
+    session_id: SessionId,
+    secret: Secret,
+    attempt: u64,
+    client_reader_seq: u64,
 }
 
 impl ResumeVerified {
     /// The session being resumed.
     pub fn session_id(&self) -> SessionId {
-        self.state.session_id
+        self.session_id
+    }
+
+    /// The client's attempt number, larger than any accepted before for this session.
+    pub fn attempt(&self) -> u64 {
+        self.attempt
     }
 
     /// How many bytes of the server's stream the client says it delivered (authenticated, but to
     /// be checked against the replay buffer).
     pub fn client_reader_seq(&self) -> u64 {
-        self.state.client_reader_seq
+        self.client_reader_seq
     }
 
     /// Accepts the resume: the established session and the RESUMED frame to send.
-    pub fn accept(self) -> (Established, Frame) {
-        let server_reader_seq = self.state.server_reader_seq;
-        self.accept_at(server_reader_seq)
-    }
-
-    /// Accepts the resume with the server's reader offset taken now rather than at the lookup:
-    /// a server whose old connection still delivers bytes while the client proves itself detaches
-    /// that connection first and sends the offset of that instant (the client's proof does not
-    /// cover it, the server's does).
-    pub fn accept_at(self, server_reader_seq: u64) -> (Established, Frame) {
-        let mut s = self.state;
-        s.server_reader_seq = server_reader_seq;
+    /// `server_reader_seq` is the number of bytes of the client's stream the server has delivered
+    /// to its application, taken once the session's previous transport was detached (so no more
+    /// bytes arrive through it).
+    pub fn accept(self, server_reader_seq: u64) -> (Established, Frame) {
         let mac = server_proof(
-            &s.secret,
-            &s.session_id,
-            &s.nonce,
-            s.client_reader_seq,
-            s.server_reader_seq,
+            &self.secret,
+            &self.session_id,
+            self.attempt,
+            self.client_reader_seq,
+            server_reader_seq,
         );
         (
             Established {
                 side: Side::Server,
-                session_id: s.session_id,
-                secret: s.secret,
-                local_reader_seq: s.server_reader_seq,
-                remote_reader_seq: s.client_reader_seq,
+                session_id: self.session_id,
+                secret: self.secret,
+                local_reader_seq: server_reader_seq,
+                remote_reader_seq: self.client_reader_seq,
                 resumed: true,
             },
             Frame::Resumed {
-                server_reader_seq: s.server_reader_seq,
+                server_reader_seq,
                 mac,
             },
         )

@@ -1,5 +1,5 @@
-//! The fixed-size byte strings of the protocol as newtypes: [`SessionId`], [`Secret`], [`Nonce`]
-//! and [`Mac`]. The secret and the MAC compare in constant time, and the secret never prints.
+//! The fixed-size byte strings of the protocol as newtypes: [`SessionId`], [`Secret`] and
+//! [`Mac`]. The secret and the MAC compare in constant time, and the secret never prints.
 
 use std::fmt;
 
@@ -82,30 +82,7 @@ impl PartialEq for Secret {
 
 impl Eq for Secret {}
 
-/// A server's challenge nonce: 32 fresh random bytes per resume attempt, so a proof captured from
-/// one handshake is worthless in the next.
-///
-/// ```
-/// use backedpipe::proto::Nonce;
-///
-/// assert_eq!(Nonce::from_bytes([1; 32]).as_bytes(), &[1; 32]);
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Nonce([u8; 32]);
-
-impl Nonce {
-    /// The nonce with these bytes.
-    pub fn from_bytes(bytes: [u8; 32]) -> Nonce {
-        Nonce(bytes)
-    }
-
-    /// The nonce's bytes.
-    pub fn as_bytes(&self) -> &[u8; 32] {
-        &self.0
-    }
-}
-
-/// An HMAC-SHA256 tag (PROOF and RESUMED). Equality is constant-time.
+/// An HMAC-SHA256 tag (the proofs in a resume HELLO and in RESUMED). Equality is constant-time.
 ///
 /// ```
 /// use backedpipe::proto::Mac;

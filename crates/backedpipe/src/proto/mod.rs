@@ -24,9 +24,10 @@
 //!    [`ClientHandshake::resume`] and sends the HELLO; the server starts in
 //!    [`ServerHandshake::new`].
 //! 2. Each side decodes received bytes with its [`FrameDecoder`] and feeds each frame to its current
-//!    state's `handle_frame`, sending what it returns, until it holds an [`Established`]. On a
-//!    [`HandshakeFailure`], send its CLOSE (if any) and drop the transport. On the server, a resume
-//!    passes through [`ResumeVerified`], where the caller checks the client's offset.
+//!    state's `handle_frame`, sending what it returns, until it holds an [`Established`]: one
+//!    frame each way, for a new session and for a resume alike. On a [`HandshakeFailure`], send
+//!    its CLOSE (if any) and drop the transport. On the server, a resume passes through
+//!    [`ResumeVerified`], where the caller records the attempt and checks the client's offset.
 //! 3. Only then does stream data flow: DATA, ACK, PING/PONG, FIN and finally CLOSE, all through the
 //!    same decoder. A [`DecodeError`] is answered with CLOSE carrying its
 //!    [`close_code`](DecodeError::close_code); end of input inside a frame
@@ -69,8 +70,8 @@ pub use frame::{
     MAX_FRAME_PAYLOAD, VERSION,
 };
 pub use handshake::{
-    client_proof, server_proof, ClientHandshake, Established, ExpectChallenge, ExpectHello,
-    ExpectProof, ExpectResumed, ExpectWelcome, HandshakeFailure, HelloOutcome, ResumeVerified,
-    ServerHandshake, SessionLookup, SessionStore, Side, CLIENT_PROOF_LABEL, SERVER_PROOF_LABEL,
+    client_proof, server_proof, ClientHandshake, Established, ExpectHello, ExpectResumed,
+    ExpectWelcome, HandshakeFailure, HelloOutcome, ResumeVerified, ServerHandshake, SessionLookup,
+    SessionStore, Side, CLIENT_PROOF_LABEL, SERVER_PROOF_LABEL,
 };
-pub use ids::{Mac, Nonce, Secret, SessionId};
+pub use ids::{Mac, Secret, SessionId};

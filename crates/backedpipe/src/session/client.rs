@@ -12,8 +12,26 @@ use crate::proto::{CloseCode, Frame, Secret, SessionId};
 use crate::reconnector::Reconnector;
 use crate::transport::Connector;
 
-/// The session's credentials, learnt from the server's WELCOME.
-pub(crate) type Credentials = Arc<Mutex<Option<(SessionId, Secret)>>>;
+/// The session's credentials, learnt from the server's WELCOME, shared by the dialer and the
+/// [`Session`](super::Session) that reports the id.
+pub(crate) type Credentials = Arc<Mutex<Option<Resumable>>>;
+
+/// What a client needs to resume its session.
+#[derive(Debug, Clone)]
+pub(crate) struct Resumable {
+    pub(crate) session_id: SessionId,
+    secret: Secret,
+    /// Resume attempts made so far; each uses the next number, so none repeats.
+    attempts: u64,
+}
+
+impl Resumable {
+    /// The next attempt's number (from 1), with what the handshake needs.
+    fn next_attempt(&mut self) -> (SessionId, Secret, u64) {
+        self.attempts += 1;
+        (self.session_id, self.secret.clone(), self.attempts)
+    }
+}
 
 /// Dials and handshakes for a client session: the first call asks for a new session, every
 /// later one resumes it.
@@ -28,20 +46,25 @@ impl<C: Connector> Reconnector for SessionDialer<C> {
     type Conn = SessionConn;
 
     async fn reconnect(&self, reader_seq: u64) -> Result<(SessionConn, u64), BoxError> {
-        let credentials = self
+        // The attempt number is taken before dialling: a failed dial wastes a number, which is
+        // harmless, and a number never repeats.
+        let resume = self
             .credentials
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .clone();
+            .as_mut()
+            .map(Resumable::next_attempt);
         let connect_timeout = self.options.connect_timeout;
         let mut io = tokio::time::timeout(connect_timeout, self.connector.connect())
             .await
             .map_err(|_| Error::io(std::io::ErrorKind::TimedOut.into()))?
             .map_err(connector_error)?;
         let handshake = async {
-            match &credentials {
+            match resume {
                 None => client_new(&mut io).await,
-                Some((id, secret)) => client_resume(&mut io, *id, secret.clone(), reader_seq).await,
+                Some((id, secret, attempt)) => {
+                    client_resume(&mut io, id, secret, attempt, reader_seq).await
+                }
             }
         };
         let handshake_timeout = self.options.handshake_timeout;
@@ -58,12 +81,15 @@ impl<C: Connector> Reconnector for SessionDialer<C> {
             .await;
             return Err(err.into());
         }
-        if credentials.is_none() {
+        if !established.is_resume() {
             *self
                 .credentials
                 .lock()
-                .unwrap_or_else(PoisonError::into_inner) =
-                Some((established.session_id(), established.secret().clone()));
+                .unwrap_or_else(PoisonError::into_inner) = Some(Resumable {
+                session_id: established.session_id(),
+                secret: established.secret().clone(),
+                attempts: 0,
+            });
         }
         tracing::debug!(
             session = %established.session_id(),

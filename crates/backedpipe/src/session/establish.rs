@@ -68,6 +68,9 @@ fn handshake_error(err: HandshakeError, session: Option<SessionId>) -> Error {
         HandshakeError::AuthenticationFailed => {
             Error::AuthenticationFailed("the client's proof did not verify")
         }
+        HandshakeError::ReplayedResume { .. } => {
+            Error::AuthenticationFailed("a resume was replayed (its attempt number was used)")
+        }
         HandshakeError::ServerAuthenticationFailed => {
             Error::AuthenticationFailed("the server's proof did not verify")
         }
@@ -96,22 +99,18 @@ pub(crate) async fn client_new(io: &mut BoxIo) -> Result<(Established, FrameDeco
     }
 }
 
-/// Client: resumes `session_id`, having delivered `reader_seq` bytes of the server's stream.
+/// Client: resumes `session_id` with this attempt number, having delivered `reader_seq` bytes of
+/// the server's stream. One round trip: the HELLO carries the proof.
 pub(crate) async fn client_resume(
     io: &mut BoxIo,
     session_id: SessionId,
     secret: Secret,
+    attempt: u64,
     reader_seq: u64,
 ) -> Result<(Established, FrameDecoder), Error> {
-    let (state, hello) = ClientHandshake::resume(session_id, secret, reader_seq);
+    let (state, hello) = ClientHandshake::resume(session_id, secret, attempt, reader_seq);
     write_frame(io, &hello).await?;
     let mut decoder = FrameDecoder::new();
-    let frame = read_frame(io, &mut decoder).await?;
-    let (state, proof) = match state.handle_frame(frame) {
-        Ok(next) => next,
-        Err(failure) => return Err(fail(io, failure, Some(session_id)).await),
-    };
-    write_frame(io, &proof).await?;
     let frame = read_frame(io, &mut decoder).await?;
     match state.handle_frame(frame) {
         Ok(established) => Ok((established, decoder)),

@@ -14,7 +14,8 @@ use super::stream::Session;
 use crate::error::{Error, Result};
 use crate::pipe::{PipeState, WeakPipe};
 use crate::proto::{
-    CloseCode, Frame, FrameDecoder, HelloOutcome, Secret, ServerHandshake, SessionId, SessionLookup,
+    CloseCode, Frame, FrameDecoder, HandshakeError, HelloOutcome, Secret, ServerHandshake,
+    SessionId, SessionLookup,
 };
 use crate::transport::{BoxIo, Io};
 use crate::BackedPipe;
@@ -64,6 +65,8 @@ struct Table {
 #[derive(Debug)]
 struct Entry {
     secret: Secret,
+    /// The largest resume attempt number accepted: a HELLO must carry a larger one.
+    last_attempt: u64,
     pipe: WeakPipe<SessionConn>,
     link: Arc<SessionLink>,
 }
@@ -130,8 +133,7 @@ impl SessionServer {
             match table.sessions.get(id) {
                 Some(entry) => SessionLookup::Found {
                     secret: entry.secret.clone(),
-                    // The offset is taken when the resume is accepted (`accept_at`).
-                    server_reader_seq: 0,
+                    last_attempt: entry.last_attempt,
                 },
                 None if table.expired.contains(id) => SessionLookup::Expired,
                 None => SessionLookup::Unknown,
@@ -165,6 +167,7 @@ impl SessionServer {
                     id,
                     Entry {
                         secret: established.secret().clone(),
+                        last_attempt: 0,
                         pipe: pipe.downgrade(),
                         link: link.clone(),
                     },
@@ -183,23 +186,35 @@ impl SessionServer {
                     self.inner.options.close_timeout,
                 )))
             }
-            HelloOutcome::Challenge { next, challenge } => {
-                write_frame(io, &challenge).await?;
-                let proof = read_frame(io, &mut decoder).await?;
-                let verified = match next.handle_frame(proof) {
-                    Ok(verified) => verified,
-                    Err(failure) => return Err(fail(io, failure, None).await),
-                };
+            HelloOutcome::Resume(verified) => {
                 let id = verified.session_id();
+                // Record the attempt, so this HELLO is never accepted again, checking it against
+                // the number recorded now: a resume racing this one may have been newer.
                 let found = {
-                    let table = self.table();
-                    table
-                        .sessions
-                        .get(&id)
-                        .and_then(|entry| Some((entry.pipe.upgrade()?, entry.link.clone())))
+                    let mut table = self.table();
+                    match table.sessions.get_mut(&id) {
+                        Some(entry) if verified.attempt() <= entry.last_attempt => {
+                            Err(entry.last_attempt)
+                        }
+                        Some(entry) => {
+                            entry.last_attempt = verified.attempt();
+                            Ok(entry.pipe.upgrade().map(|pipe| (pipe, entry.link.clone())))
+                        }
+                        None => Ok(None),
+                    }
+                };
+                let found = match found {
+                    Ok(found) => found,
+                    Err(last_attempt) => {
+                        let error = HandshakeError::ReplayedResume {
+                            attempt: verified.attempt(),
+                            last_attempt,
+                        };
+                        return Err(fail(io, error.into(), None).await);
+                    }
                 };
                 let Some((pipe, link)) = found else {
-                    // Expired or closed while the client was proving itself.
+                    // Expired or closed since the lookup.
                     let close = verified.refuse(CloseCode::UnknownSession, "unknown session");
                     send_close(io, close).await;
                     return Err(Error::SessionUnknown(id));
@@ -211,7 +226,7 @@ impl SessionServer {
                 }
                 // Only now is the live transport dropped, and the offset taken at that instant.
                 let server_reader_seq = pipe.detach().await?;
-                let (established, resumed) = verified.accept_at(server_reader_seq);
+                let (established, resumed) = verified.accept(server_reader_seq);
                 write_frame(io, &resumed).await?;
                 let io = std::mem::replace(io, Box::new(tokio::io::empty()));
                 let conn = SessionConn::start(

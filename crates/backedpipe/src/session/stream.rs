@@ -107,7 +107,7 @@ impl Session {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .as_ref()
-            .map(|(id, _)| *id)
+            .map(|resumable| resumable.session_id)
             .ok_or(Error::PipeClosed)?;
         Ok(Session {
             pipe,
