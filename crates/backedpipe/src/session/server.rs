@@ -72,6 +72,24 @@ struct Entry {
 }
 
 impl Table {
+    /// Records `attempt` as the session's last accepted resume attempt if it is newer than the
+    /// one recorded, and returns the session's pipe and link (`None` if the session is gone);
+    /// an attempt that is not newer is refused with the number recorded.
+    fn claim_attempt(
+        &mut self,
+        id: SessionId,
+        attempt: u64,
+    ) -> Result<Option<(BackedPipe<SessionConn>, Arc<SessionLink>)>, u64> {
+        let Some(entry) = self.sessions.get_mut(&id) else {
+            return Ok(None);
+        };
+        if attempt <= entry.last_attempt {
+            return Err(entry.last_attempt);
+        }
+        entry.last_attempt = attempt;
+        Ok(entry.pipe.upgrade().map(|pipe| (pipe, entry.link.clone())))
+    }
+
     fn forget(&mut self, id: SessionId, expired: bool) {
         self.sessions.remove(&id);
         if expired && self.expired.insert(id) {
@@ -190,20 +208,8 @@ impl SessionServer {
                 let id = verified.session_id();
                 // Record the attempt, so this HELLO is never accepted again, checking it against
                 // the number recorded now: a resume racing this one may have been newer.
-                let found = {
-                    let mut table = self.table();
-                    match table.sessions.get_mut(&id) {
-                        Some(entry) if verified.attempt() <= entry.last_attempt => {
-                            Err(entry.last_attempt)
-                        }
-                        Some(entry) => {
-                            entry.last_attempt = verified.attempt();
-                            Ok(entry.pipe.upgrade().map(|pipe| (pipe, entry.link.clone())))
-                        }
-                        None => Ok(None),
-                    }
-                };
-                let found = match found {
+                let claimed = self.table().claim_attempt(id, verified.attempt());
+                let found = match claimed {
                     Ok(found) => found,
                     Err(last_attempt) => {
                         let error = HandshakeError::ReplayedResume {
