@@ -71,15 +71,14 @@ struct Entry {
     link: Arc<SessionLink>,
 }
 
+/// A session's pipe and link, as a resume needs them.
+type LiveSession = (BackedPipe<SessionConn>, Arc<SessionLink>);
+
 impl Table {
     /// Records `attempt` as the session's last accepted resume attempt if it is newer than the
     /// one recorded, and returns the session's pipe and link (`None` if the session is gone);
     /// an attempt that is not newer is refused with the number recorded.
-    fn claim_attempt(
-        &mut self,
-        id: SessionId,
-        attempt: u64,
-    ) -> Result<Option<(BackedPipe<SessionConn>, Arc<SessionLink>)>, u64> {
+    fn claim_attempt(&mut self, id: SessionId, attempt: u64) -> Result<Option<LiveSession>, u64> {
         let Some(entry) = self.sessions.get_mut(&id) else {
             return Ok(None);
         };
