@@ -336,7 +336,15 @@ impl<W: AsyncWrite + Unpin> BackedWriter<W> {
             writer: self,
             armed: true,
         };
-        let result = poll_fn(|cx| self.poll_replay(cx, replay_from)).await;
+        let result = loop {
+            match poll_fn(|cx| self.poll_replay(cx, replay_from)).await {
+                Some(result) => break result,
+                // A slice is out: let the thread's other tasks run, and the runtime poll for
+                // I/O events (the peer's reader may be waiting on this thread for the first
+                // replayed bytes), before the next one.
+                None => tokio::task::yield_now().await,
+            }
+        };
         guard.armed = false;
         result
     }
@@ -446,13 +454,19 @@ impl<W: AsyncWrite + Unpin> BackedWriter<W> {
         Poll::Pending
     }
 
-    fn poll_replay(&self, cx: &mut Context<'_>, replay_from: u64) -> Poll<Result<()>> {
+    /// Replays up to [`REPLAY_SLICE`] bytes: `Ready(None)` if more remain, otherwise the
+    /// outcome of the whole replay.
+    fn poll_replay(&self, cx: &mut Context<'_>, replay_from: u64) -> Poll<Option<Result<()>>> {
         let mut st = self.lock();
         if st.link != Link::Replaying {
             // Only `fail` (the pipe closing) takes a transport away mid-replay.
-            return Poll::Ready(Err(st.closed.clone().unwrap_or(Error::WriterClosed)));
+            return Poll::Ready(Some(Err(st.closed.clone().unwrap_or(Error::WriterClosed))));
         }
-        let mut outcome = ready!(self.poll_drain(&mut st, cx));
+        let mut outcome = match ready!(self.poll_drain(&mut st, cx, REPLAY_SLICE)) {
+            Ok(false) => return Poll::Ready(None),
+            Ok(true) => Ok(()),
+            Err(err) => Err(err),
+        };
         if outcome.is_ok() && st.shut_down {
             // The end marker follows the replayed data on the new transport too.
             let mut tcx = self.waiters.context(cx, &self.fanout);
@@ -485,13 +499,24 @@ impl<W: AsyncWrite + Unpin> BackedWriter<W> {
         };
         drop(st);
         self.waiters.wake_all();
-        Poll::Ready(result)
+        Poll::Ready(Some(result))
     }
 
-    /// Writes the committed bytes the transport has not had yet, straight from the ring.
-    fn poll_drain(&self, st: &mut WriterState<W>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    /// Writes the committed bytes the transport has not had yet, straight from the ring, at
+    /// most `limit` of them: `Ready(Ok(true))` once all are written, `Ready(Ok(false))` when
+    /// the limit stopped it first.
+    fn poll_drain(
+        &self,
+        st: &mut WriterState<W>,
+        cx: &mut Context<'_>,
+        limit: usize,
+    ) -> Poll<io::Result<bool>> {
         let mut tcx = self.waiters.context(cx, &self.fanout);
+        let mut left = limit;
         while st.sent_seq < st.ring.end_seq() {
+            if left == 0 {
+                return Poll::Ready(Ok(false));
+            }
             let WriterState {
                 ring,
                 transport,
@@ -506,13 +531,17 @@ impl<W: AsyncWrite + Unpin> BackedWriter<W> {
                 Err(err) => return Poll::Ready(Err(io::Error::other(err))),
             };
             let chunk = if first.is_empty() { second } else { first };
+            let chunk = &chunk[..chunk.len().min(left)];
             match ready!(Pin::new(transport).poll_write(&mut tcx, chunk)) {
                 Ok(0) => return Poll::Ready(Err(short_write())),
-                Ok(n) => *sent_seq += n as u64,
+                Ok(n) => {
+                    *sent_seq += n as u64;
+                    left -= n.min(left);
+                }
                 Err(err) => return Poll::Ready(Err(err)),
             }
         }
-        Poll::Ready(Ok(()))
+        Poll::Ready(Ok(true))
     }
 
     fn transport_failed(&self, st: &mut WriterState<W>, err: io::Error) {
@@ -548,6 +577,13 @@ impl<W> WriterState<W> {
         }
     }
 }
+
+/// The most a replay writes in one go before it yields to the other tasks of its thread. A
+/// replay can be as large as the buffer's capacity (on loopback several MiB are typically
+/// unacknowledged, about 130 us of writing per MiB); written in one poll it would hold its
+/// worker thread that long, and the runtime would deliver no I/O event on that thread
+/// meanwhile.
+const REPLAY_SLICE: usize = 256 * 1024;
 
 fn short_write() -> io::Error {
     io::Error::new(io::ErrorKind::WriteZero, "short write")

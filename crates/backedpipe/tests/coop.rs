@@ -3,11 +3,11 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use backedpipe::{reconnector_fn, BackedPipe, BoxError};
+use backedpipe::{reconnector_fn, BackedPipe, BackedWriter, BoxError};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// A transport that always has bytes to give and room to take, and never yields by itself
@@ -89,4 +89,61 @@ async fn a_writer_that_always_has_room_still_lets_other_tasks_run() {
         assert_eq!(pipe.write(b"x").await.unwrap(), 1);
     }
     assert!(ran.load(Ordering::SeqCst), "the writing task never yielded");
+}
+
+/// A transport that takes every write whole and counts the bytes it took before `ran` was set.
+struct Probe {
+    ran: Arc<AtomicBool>,
+    taken_before: Arc<AtomicUsize>,
+}
+
+impl AsyncWrite for Probe {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if !self.ran.load(Ordering::SeqCst) {
+            self.taken_before.fetch_add(buf.len(), Ordering::SeqCst);
+        }
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// A replay of several MiB to a transport that never pushes back is written in slices, with
+/// the other tasks of the thread (a reader waiting for those bytes, the runtime's I/O events)
+/// let in between, not in one go.
+#[tokio::test(flavor = "current_thread")]
+async fn a_long_replay_lets_other_tasks_run_before_it_ends() {
+    const REPLAYED: usize = 8 << 20;
+    let (events, _failures) = tokio::sync::mpsc::unbounded_channel();
+    let writer = BackedWriter::new(REPLAYED, events).unwrap();
+    let first = Probe {
+        ran: Arc::new(AtomicBool::new(true)),
+        taken_before: Arc::default(),
+    };
+    writer.reconnect(0, first).await.unwrap();
+    writer.write(&vec![7; REPLAYED]).await.unwrap();
+
+    let ran = other_task();
+    let taken_before = Arc::new(AtomicUsize::new(0));
+    let second = Probe {
+        ran: ran.clone(),
+        taken_before: taken_before.clone(),
+    };
+    writer.reconnect(0, second).await.unwrap();
+    assert!(ran.load(Ordering::SeqCst));
+    let taken = taken_before.load(Ordering::SeqCst);
+    assert!(
+        taken < REPLAYED,
+        "the replay wrote all {taken} bytes before another task could run"
+    );
 }
