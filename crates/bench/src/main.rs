@@ -574,25 +574,33 @@ async fn session_stream_first_byte() -> Result<f64, BoxError> {
         while tx.write_all(&chunk).await.is_ok() {}
     });
     let server = rig.server;
-    let mut buf = vec![0u8; CHUNK];
-    // Let the transfer reach full speed.
-    let mut got = 0u64;
-    while got < 16 << 20 {
-        got += server.read(&mut buf).await? as u64;
-    }
-    let generation = server.pipe().generation();
-    let start = Instant::now();
-    rig.cutter.cut();
-    loop {
-        let n = server.read(&mut buf).await?;
-        if n == 0 {
-            return Err("session ended during the measurement".into());
+    let cutter = rig.cutter;
+    // The receiver is a task on the runtime, as the idle sample's reader and the throughput
+    // bench's reader are: read on the thread blocked on the whole bench, the first byte would
+    // wait for the OS to give that thread (a third one on two CPUs) a CPU that the runtime's
+    // workers, busy with the replay and the resumed transfer, are holding.
+    let receiver = tokio::spawn(async move {
+        let mut buf = vec![0u8; CHUNK];
+        // Let the transfer reach full speed.
+        let mut got = 0u64;
+        while got < 16 << 20 {
+            got += server.read(&mut buf).await? as u64;
         }
-        if server.pipe().generation() != generation {
-            break;
+        let generation = server.pipe().generation();
+        let start = Instant::now();
+        cutter.cut();
+        loop {
+            let n = server.read(&mut buf).await?;
+            if n == 0 {
+                return Err::<_, BoxError>("session ended during the measurement".into());
+            }
+            if server.pipe().generation() != generation {
+                break;
+            }
         }
-    }
-    let elapsed = start.elapsed();
+        Ok((start.elapsed(), server))
+    });
+    let (elapsed, server) = receiver.await??;
     writer.abort();
     drop(client_read);
     server.close().await?;
