@@ -520,25 +520,29 @@ async fn stream_first_byte() -> Result<f64, BoxError> {
         let chunk = vec![3u8; CHUNK];
         while tx.write_all(&chunk).await.is_ok() {}
     });
-    let mut buf = vec![0u8; CHUNK];
-    // Let the transfer reach full speed.
-    let mut got = 0u64;
-    while got < 16 << 20 {
-        got += server.read(&mut buf).await? as u64;
-    }
-    let generation = server.generation();
-    let start = Instant::now();
-    cutter.cut();
-    loop {
-        let n = server.read(&mut buf).await?;
-        if n == 0 {
-            return Err("pipe closed during the measurement".into());
+    // The receiver is a task on the runtime, as in session mode (see there).
+    let receiver = tokio::spawn(async move {
+        let mut buf = vec![0u8; CHUNK];
+        // Let the transfer reach full speed.
+        let mut got = 0u64;
+        while got < 16 << 20 {
+            got += server.read(&mut buf).await? as u64;
         }
-        if server.generation() != generation {
-            break;
+        let generation = server.generation();
+        let start = Instant::now();
+        cutter.cut();
+        loop {
+            let n = server.read(&mut buf).await?;
+            if n == 0 {
+                return Err::<_, BoxError>("pipe closed during the measurement".into());
+            }
+            if server.generation() != generation {
+                break;
+            }
         }
-    }
-    let elapsed = start.elapsed();
+        Ok((start.elapsed(), server))
+    });
+    let (elapsed, server) = receiver.await??;
     writer.abort();
     server.close().await?;
     accept_task.abort();
