@@ -563,6 +563,28 @@ async fn a_refused_port_is_422_dial_failed() {
 }
 
 #[tokio::test]
+async fn a_service_listening_on_ipv6_loopback_only_is_reached() {
+    let Ok(listener) = TcpListener::bind("[::1]:0").await else {
+        eprintln!("no IPv6 loopback on this machine; nothing to check");
+        return;
+    };
+    let port = listener.local_addr().unwrap().port();
+    let agent = start(|_| {}).await;
+    let stream = agent.create(port).await;
+    let (mut local, peer) = guarded("the agent's dial", listener.accept())
+        .await
+        .unwrap();
+    assert!(peer.ip().is_loopback() && peer.is_ipv6(), "{peer}");
+    let (session, _link) = agent.attach(&stream.id, Carrier::Raw).await;
+    session.write(b"over ::1").await.unwrap();
+    let mut got = [0u8; 8];
+    guarded("the service to read", local.read_exact(&mut got))
+        .await
+        .unwrap();
+    assert_eq!(&got, b"over ::1");
+}
+
+#[tokio::test]
 async fn bad_requests_are_400() {
     let agent = start(|_| {}).await;
     for body in [

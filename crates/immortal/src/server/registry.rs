@@ -6,6 +6,7 @@
 //! exactly once, by whoever comes first (its task, a DELETE, an eviction), with that reason.
 
 use std::collections::HashMap;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -80,7 +81,7 @@ pub(crate) enum CreateError {
     #[error("the agent holds its maximum of {0} streams and every one has a client attached")]
     Full(usize),
     /// The local port did not accept the connection.
-    #[error("cannot connect to 127.0.0.1:{port}: {reason}")]
+    #[error("cannot connect to port {port} on the loopback interface: {reason}")]
     Dial {
         /// The port.
         port: u16,
@@ -157,7 +158,7 @@ impl Registry {
         streams.iter().map(|stream| stream.info()).collect()
     }
 
-    /// Creates a stream to `127.0.0.1:port`: dials it, makes room (evicting the oldest stream
+    /// Creates a stream to `port` on the loopback interface: dials it, makes room (evicting the oldest stream
     /// with no client attached if the table is full), registers the stream and starts its task.
     pub(crate) async fn create(
         &self,
@@ -262,16 +263,33 @@ fn oldest_disconnected(table: &HashMap<String, Arc<Stream>>) -> Option<String> {
         .map(|stream| stream.id().to_owned())
 }
 
-/// Connects to the local service.
+/// Connects to the local service on `127.0.0.1`, or on `::1` if nothing listens there (a
+/// service may listen on IPv6 loopback only).
 async fn dial(port: u16) -> Result<TcpStream, CreateError> {
     let failed = |reason: String| CreateError::Dial { port, reason };
-    match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(("127.0.0.1", port))).await {
+    let connect = async {
+        match TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await {
+            Err(err) if err.kind() == std::io::ErrorKind::ConnectionRefused => {
+                TcpStream::connect((Ipv6Addr::LOCALHOST, port))
+                    .await
+                    .map_err(|v6| match v6.kind() {
+                        // Nothing on either, or no IPv6 at all: the IPv4 refusal says it best.
+                        std::io::ErrorKind::ConnectionRefused
+                        | std::io::ErrorKind::AddrNotAvailable
+                        | std::io::ErrorKind::Unsupported => err,
+                        _ => v6,
+                    })
+            }
+            other => other,
+        }
+    };
+    match tokio::time::timeout(DIAL_TIMEOUT, connect).await {
         Ok(Ok(tcp)) => {
             let _ = tcp.set_nodelay(true);
             Ok(tcp)
         }
         Ok(Err(err)) if err.kind() == std::io::ErrorKind::ConnectionRefused => Err(failed(
-            "connection refused (is anything listening on that port?)".into(),
+            "connection refused on 127.0.0.1 and ::1 (is anything listening on that port?)".into(),
         )),
         Ok(Err(err)) => Err(failed(err.to_string())),
         Err(_) => Err(failed(format!(
