@@ -53,6 +53,7 @@ mod supervisor;
 mod tls;
 mod transport;
 mod wake;
+mod window;
 mod writer;
 
 pub use backoff::Backoff;

@@ -20,6 +20,7 @@ use crate::error::{Error, Result};
 use crate::event::{Component, ErrorEvent, EventSender};
 use crate::ring::ReplayBuffer;
 use crate::wake::WaitList;
+use crate::window::InflightWindow;
 
 /// A writer that survives the loss of its transport.
 ///
@@ -63,7 +64,10 @@ pub enum Retention {
     /// Keep every byte until the peer acknowledges it with
     /// [`acknowledge`](BackedWriter::acknowledge); writes wait while `capacity` bytes are
     /// unacknowledged (session mode). Nothing unacknowledged is ever dropped, and memory stays
-    /// bounded by the capacity whatever the peer does.
+    /// bounded by the capacity whatever the peer does. Writes also wait while more is
+    /// unacknowledged than the path needs in flight (at least 1 MiB, else twice the measured
+    /// delivery rate times the minimum round trip), which keeps the buffer in the CPU's caches
+    /// on short paths.
     UntilAcked,
 }
 
@@ -86,6 +90,9 @@ struct WriterState<W> {
     /// acknowledged (only then does an acknowledgement need to wake anyone; a write waiting
     /// for its transport is woken by it).
     room_wanted: bool,
+    /// Session mode: the in-flight window of the current transport, which keeps fewer bytes
+    /// unacknowledged than the capacity allows when the path needs fewer.
+    window: Option<InflightWindow>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,6 +152,7 @@ impl<W: AsyncWrite + Unpin> BackedWriter<W> {
                 end_marker: false,
                 shut_down: false,
                 room_wanted: false,
+                window: None,
             }),
             waiters,
             fanout,
@@ -183,6 +191,9 @@ impl<W: AsyncWrite + Unpin> BackedWriter<W> {
             });
         }
         st.ring.trim_to(seq);
+        if let Some(window) = st.window.as_mut() {
+            window.on_ack(now(), seq);
+        }
         let wake = std::mem::take(&mut st.room_wanted);
         drop(st);
         if wake {
@@ -327,6 +338,8 @@ impl<W: AsyncWrite + Unpin> BackedWriter<W> {
                 // and may be the only one those bytes ever get (the peer acked before
                 // the handshake, on its side of the reconnect).
                 st.ring.trim_to(replay_from);
+                // A new path (perhaps a different route): measure it afresh.
+                st.window = Some(InflightWindow::new(replay_from));
             }
             st.transport = Some(new_writer);
             st.link = Link::Replaying;
@@ -408,11 +421,26 @@ impl<W: AsyncWrite + Unpin> BackedWriter<W> {
             return Poll::Ready(Ok((0, st.ring.end_seq())));
         }
         let mut tcx = self.waiters.context(cx, &self.fanout);
+        // One clock reading per write, for the window (taken before the write: see
+        // `InflightWindow::on_sent`).
+        let started = st.window.as_ref().map(|_| now());
         // While up, everything committed has been handed over, so the chunk below is the only
         // unsent data and the ring can never evict a byte the peer has not been sent.
         let room = match st.retention {
             Retention::EvictOldest => st.ring.capacity(),
-            Retention::UntilAcked => st.ring.free(),
+            Retention::UntilAcked => {
+                // The window is a threshold: a write may take it past its limit by one chunk,
+                // so frames keep the size the application writes in.
+                let limit = match (st.window.as_mut(), started) {
+                    (Some(window), Some(now)) => window.limit(now),
+                    _ => u64::MAX,
+                };
+                if st.ring.len() as u64 >= limit {
+                    0
+                } else {
+                    st.ring.free()
+                }
+            }
         };
         if room == 0 {
             // Backpressure: an acknowledgement (or close) wakes this task.
@@ -427,6 +455,10 @@ impl<W: AsyncWrite + Unpin> BackedWriter<W> {
         let n = match outcome {
             Ok(n) if n > 0 => {
                 st.sent_seq += n as u64;
+                let sent_seq = st.sent_seq;
+                if let (Some(window), Some(started)) = (st.window.as_mut(), started) {
+                    window.on_sent(started, sent_seq);
+                }
                 n
             }
             failed => {
@@ -584,6 +616,11 @@ impl<W> WriterState<W> {
 /// worker thread that long, and the runtime would deliver no I/O event on that thread
 /// meanwhile.
 const REPLAY_SLICE: usize = 256 * 1024;
+
+/// The current time, from tokio's clock so that paused-time tests control it.
+fn now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
+}
 
 fn short_write() -> io::Error {
     io::Error::new(io::ErrorKind::WriteZero, "short write")
