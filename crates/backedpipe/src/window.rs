@@ -24,7 +24,7 @@
 //!   up to [`MIN_RTT_EXPIRY`].
 //!
 //! Writes wait once the window is full, so a session buffers less in flight than before on
-//! short paths (1 MiB rather than whatever the socket buffers take): an application that
+//! short paths (a few hundred KiB rather than whatever the socket buffers take): an application that
 //! writes a few MiB in both directions before reading either deadlocks sooner, as it would
 //! over plain TCP with smaller socket buffers.
 //!
@@ -32,9 +32,12 @@
 
 use std::time::{Duration, Instant};
 
-/// The smallest window: enough for loopback and LANs at full speed with room for scheduling
-/// hiccups, and far above TCP's own initial window, so a fresh path is never held back by it.
-pub(crate) const FLOOR: u64 = 1024 * 1024;
+/// The smallest window: four of the default acknowledgement intervals, so a path with nothing
+/// measured yet never waits on a single acknowledgement, and far above TCP's own initial window,
+/// so a fresh path is held back by TCP's slow start rather than by this. (On loopback, floors
+/// of 128-384 KiB measured alike and better than 1 MiB: the window then follows the measured
+/// product, about 300 KiB.)
+pub(crate) const FLOOR: u64 = 256 * 1024;
 
 /// The window is this many times the delivery rate times the minimum round trip. BBR's two
 /// covers the path and as much again; the rate measured here lags a round trip behind a path
@@ -199,7 +202,7 @@ mod tests {
         let mut now = start;
         let mut sent = 0u64;
         let mut acked = 0u64;
-        let step = Duration::from_micros(100);
+        let step = Duration::from_micros(10);
         let mut in_flight: std::collections::VecDeque<(u64, Instant)> = Default::default();
         let end = start + rtt * rounds;
         while now < end {
@@ -234,10 +237,10 @@ mod tests {
     }
 
     #[test]
-    fn a_fast_short_path_stays_at_the_floor() {
+    fn a_fast_short_path_keeps_little_in_flight() {
         // 2.5 GB/s with a 50 us round trip: 125 KB in flight is all it needs.
         let limit = steady(2_500_000, Duration::from_micros(50), 20_000);
-        assert_eq!(limit, FLOOR);
+        assert!(limit <= 3 * 125_000 * 12 / 10, "window {limit}");
     }
 
     #[test]

@@ -65,8 +65,8 @@ pub enum Retention {
     /// [`acknowledge`](BackedWriter::acknowledge); writes wait while `capacity` bytes are
     /// unacknowledged (session mode). Nothing unacknowledged is ever dropped, and memory stays
     /// bounded by the capacity whatever the peer does. Writes also wait while more is
-    /// unacknowledged than the path needs in flight (at least 1 MiB, else twice the measured
-    /// delivery rate times the minimum round trip), which keeps the buffer in the CPU's caches
+    /// unacknowledged than the path needs in flight (three times the measured delivery rate times
+    /// the minimum round trip, at least 256 KiB), which keeps the buffer in the CPU's caches
     /// on short paths.
     UntilAcked,
 }
