@@ -19,7 +19,7 @@
 //! - A window too large costs only cache misses; one too small caps a long fat network's
 //!   throughput. So where an estimate is unsure it errs large: the rate is a windowed maximum,
 //!   a round trip includes the peer's acknowledgement delay, the floor covers four of the
-//!   peer's acknowledgement intervals, and a new transport starts afresh at the floor. What
+//!   peer's acknowledgement intervals, and a new transport starts afresh at 1 MiB. What
 //!   it cannot see is a path whose round trip grew without a reconnect: the window lags it by
 //!   up to [`MIN_RTT_EXPIRY`].
 //!
@@ -38,6 +38,11 @@ use std::time::{Duration, Instant};
 /// of 128-384 KiB measured alike and better than 1 MiB: the window then follows the measured
 /// product, about 300 KiB.)
 pub(crate) const FLOOR: u64 = 256 * 1024;
+
+/// The window until a round trip and a rate are measured: a path of unknown length starts as
+/// the unchanged session did in its first round trip, with more than TCP's slow start can use.
+/// On loopback the measurements arrive within a millisecond.
+const INITIAL: u64 = 1024 * 1024;
 
 /// The window is this many times the delivery rate times the minimum round trip. BBR's two
 /// covers the path and as much again; the rate measured here lags a round trip behind a path
@@ -118,7 +123,7 @@ impl InflightWindow {
             return PROBE_INFLIGHT.max(2 * self.ack_step);
         }
         let (Some((rtt, _)), Some((rate, _))) = (self.min_rtt, self.max_rate) else {
-            return floor;
+            return floor.max(INITIAL);
         };
         let bdp = GAIN * rate * rtt.as_secs_f64();
         floor.max(bdp.min(u64::MAX as f64 / 2.0) as u64)
@@ -231,9 +236,9 @@ mod tests {
     }
 
     #[test]
-    fn starts_at_the_floor() {
+    fn starts_at_the_initial_window() {
         let mut w = InflightWindow::new(0);
-        assert_eq!(w.limit(Instant::now()), FLOOR);
+        assert_eq!(w.limit(Instant::now()), INITIAL);
     }
 
     #[test]
@@ -276,11 +281,14 @@ mod tests {
         let mut w = InflightWindow::new(0);
         w.on_sent(start, 64 * 1024);
         w.on_ack(start + MS, 64 * 1024);
-        assert_eq!(w.limit(start + MS), FLOOR);
+        // A rate: 128 KiB in 20 ms.
+        w.on_sent(start + MS, 192 * 1024);
+        w.on_ack(start + 21 * MS, 192 * 1024);
+        assert_eq!(w.limit(start + 21 * MS), FLOOR);
         let later = start + MIN_RTT_EXPIRY + MS;
         assert_eq!(w.limit(later), PROBE_INFLIGHT);
-        w.on_sent(later, 128 * 1024);
-        w.on_ack(later + 2 * MS, 128 * 1024);
+        w.on_sent(later, 320 * 1024);
+        w.on_ack(later + 2 * MS, 320 * 1024);
         assert_eq!(w.limit(later + 2 * MS), FLOOR);
         assert_eq!(w.min_rtt.map(|m| m.0), Some(2 * MS));
     }
