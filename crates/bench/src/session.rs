@@ -1,7 +1,7 @@
 //! A session-mode pair over loopback TCP: the client is a [`Session`] dialling through a
-//! [`TcpConnector`] with the library's default reconnect policy, the server accepts every
-//! connection with [`SessionServer::accept`] (inline in one accept loop, so a resume costs no
-//! task hop beyond the library's own).
+//! [`TcpConnector`] with the library's default reconnect policy, the server takes every
+//! connection through a [`SessionListener`], as a real server does (a handshake task per
+//! transport).
 //!
 //! The rig keeps a duplicate of the server's end of the current connection and can shut it down
 //! in both directions from outside ([`Cutter::cut`]), so both ends see the connection end at
@@ -9,9 +9,11 @@
 
 use std::sync::{Arc, Mutex};
 
+use backedpipe::session::Incoming;
 use backedpipe::session::SessionConfig;
 use backedpipe::{
-    Accepted, BoxError, PipeConfig, PipeState, Session, SessionOptions, SessionServer, TcpConnector,
+    BoxError, BoxIo, PipeConfig, PipeState, Session, SessionListener, SessionOptions,
+    SessionServer, TcpConnector,
 };
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -78,6 +80,25 @@ impl SessionRig {
     }
 }
 
+/// TCP connections as [`TcpListener`]'s own [`Incoming`] gives them, keeping a duplicate of
+/// the latest one for the [`Cutter`].
+struct TwinIncoming {
+    listener: TcpListener,
+    current: Arc<Mutex<Option<std::net::TcpStream>>>,
+}
+
+impl Incoming for TwinIncoming {
+    async fn next(&mut self) -> Option<std::io::Result<BoxIo>> {
+        Some(self.listener.accept().await.and_then(|(conn, _)| {
+            conn.set_nodelay(true)?;
+            if let Ok(twin) = conn.as_ref_std_clone() {
+                *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(twin);
+            }
+            Ok(Box::new(conn) as BoxIo)
+        }))
+    }
+}
+
 async fn accept_loop(
     listener: TcpListener,
     server: SessionServer,
@@ -85,19 +106,16 @@ async fn accept_loop(
     new: oneshot::Sender<Session>,
 ) {
     let mut new = Some(new);
-    while let Ok((conn, _)) = listener.accept().await {
-        let _ = conn.set_nodelay(true);
-        if let Ok(twin) = conn.as_ref_std_clone() {
-            *current.lock().unwrap_or_else(|e| e.into_inner()) = Some(twin);
+    let mut listener = match SessionListener::new(TwinIncoming { listener, current }, server) {
+        Ok(listener) => listener,
+        Err(err) => {
+            eprintln!("bpbench: session listener failed: {err}");
+            return;
         }
-        match server.accept(conn).await {
-            Ok(Accepted::New(session)) => {
-                if let Some(tx) = new.take() {
-                    let _ = tx.send(session);
-                }
-            }
-            Ok(_) => {}
-            Err(err) => eprintln!("bpbench: session accept failed: {err}"),
+    };
+    while let Ok(session) = listener.accept().await {
+        if let Some(tx) = new.take() {
+            let _ = tx.send(session);
         }
     }
 }
