@@ -148,27 +148,27 @@ fn hello_with_wrong_magic_names_the_magic() {
 #[test]
 fn hello_with_unsupported_version_names_the_version() {
     assert_eq!(
-        Frame::decode(&hello_payload(b"BKPP", 2, 0, &[])).unwrap_err(),
-        DecodeError::UnsupportedVersion(2)
+        Frame::decode(&hello_payload(b"BKPP", 1, 0, &[])).unwrap_err(),
+        DecodeError::UnsupportedVersion(1)
     );
 }
 
 #[test]
 fn hello_with_unknown_kind_or_a_length_not_matching_its_kind_is_rejected() {
     assert_eq!(
-        Frame::decode(&hello_payload(b"BKPP", 1, 7, &[])).unwrap_err(),
+        Frame::decode(&hello_payload(b"BKPP", VERSION, 7, &[])).unwrap_err(),
         DecodeError::UnknownHelloKind(7)
     );
     // A resume HELLO cut to the new-session length, and a new-session HELLO padded to 70 bytes.
     assert_eq!(
-        Frame::decode(&hello_payload(b"BKPP", 1, 1, &[])).unwrap_err(),
+        Frame::decode(&hello_payload(b"BKPP", VERSION, 1, &[])).unwrap_err(),
         DecodeError::BadLength {
             frame_type: FrameType::Hello,
             length: 6
         }
     );
     assert_eq!(
-        Frame::decode(&hello_payload(b"BKPP", 1, 0, &[0; 64])).unwrap_err(),
+        Frame::decode(&hello_payload(b"BKPP", VERSION, 0, &[0; 64])).unwrap_err(),
         DecodeError::BadLength {
             frame_type: FrameType::Hello,
             length: 70

@@ -28,8 +28,10 @@ pub const MAX_FRAME_PAYLOAD: u32 = 1 << 20;
 /// The four bytes that open every HELLO payload: `b"BKPP"`.
 pub const MAGIC: [u8; 4] = *b"BKPP";
 
-/// The protocol version this crate speaks, carried in HELLO.
-pub const VERSION: u8 = 1;
+/// The protocol version this crate speaks, carried in HELLO. Version 1 resumed in three
+/// messages (a server challenge, then the client's proof); a peer speaking it is refused at its
+/// first HELLO with [`DecodeError::UnsupportedVersion`].
+pub const VERSION: u8 = 2;
 
 /// The longest CLOSE reason, in bytes of UTF-8. Longer reasons are truncated by [`Close::new`].
 pub const MAX_CLOSE_REASON: usize = 256;
