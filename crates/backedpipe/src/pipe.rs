@@ -300,6 +300,12 @@ impl<C: Connection> BackedPipe<C> {
         Self::build(None::<NoReconnector<C>>, config, Mode::Session)
     }
 
+    /// Session mode: the peer is expected to acknowledge about every `bytes` bytes (see the
+    /// writer's in-flight window).
+    pub(crate) fn set_ack_interval(&self, bytes: u64) {
+        self.shared().writer.set_ack_interval(bytes);
+    }
+
     /// A handle that does not keep the pipe open.
     pub(crate) fn downgrade(&self) -> WeakPipe<C> {
         WeakPipe {

@@ -84,7 +84,8 @@ pub(crate) struct InflightWindow {
     /// The latest acknowledgement.
     acked: u64,
     /// The peer's acknowledgement interval: the smallest step between two acknowledgements
-    /// over the latest complete run of [`ACK_STEP_RUN`].
+    /// over the latest complete run of [`ACK_STEP_RUN`] (until one completes, the interval
+    /// the window was created with).
     ack_step: u64,
     /// The smallest step in the run in progress, and its length.
     run_min: u64,
@@ -92,8 +93,12 @@ pub(crate) struct InflightWindow {
 }
 
 impl InflightWindow {
-    /// A window for a new path on which the peer has acknowledged `acked` bytes.
-    pub(crate) fn new(acked: u64) -> Self {
+    /// A window for a new path on which the peer has acknowledged `acked` bytes, and which
+    /// acknowledges about every `ack_interval` bytes (what a previous path of the session
+    /// measured, else the local setting, which a peer normally shares): the floor covers four
+    /// of them from the start, so a peer that acknowledges rarely is never left waiting for
+    /// its acknowledgement delay.
+    pub(crate) fn new(acked: u64, ack_interval: u64) -> Self {
         InflightWindow {
             timing: None,
             min_rtt: None,
@@ -101,10 +106,16 @@ impl InflightWindow {
             rate_mark: None,
             max_rate: None,
             acked,
-            ack_step: 0,
+            ack_step: ack_interval,
             run_min: u64::MAX,
             run_len: 0,
         }
+    }
+
+    /// The peer's acknowledgement interval as last measured (or as given to [`new`](Self::new)),
+    /// for the next path's window.
+    pub(crate) fn ack_interval(&self) -> u64 {
+        self.ack_step
     }
 
     /// The most bytes that may be unacknowledged at `now` before writes wait.
@@ -203,7 +214,7 @@ mod tests {
     /// window full: returns the window after `rounds` round trips.
     fn steady(rate_per_ms: u64, rtt: Duration, rounds: u32) -> u64 {
         let start = Instant::now();
-        let mut w = InflightWindow::new(0);
+        let mut w = InflightWindow::new(0, 0);
         let mut now = start;
         let mut sent = 0u64;
         let mut acked = 0u64;
@@ -237,7 +248,7 @@ mod tests {
 
     #[test]
     fn starts_at_the_initial_window() {
-        let mut w = InflightWindow::new(0);
+        let mut w = InflightWindow::new(0, 0);
         assert_eq!(w.limit(Instant::now()), INITIAL);
     }
 
@@ -264,9 +275,19 @@ mod tests {
     }
 
     #[test]
+    fn a_peer_known_to_acknowledge_rarely_is_covered_from_the_first_byte() {
+        // The peer acknowledges every 4 MiB (its setting, or what an earlier path measured):
+        // the window must hold four of those before any measurement, or the peer would only
+        // acknowledge after its acknowledgement delay.
+        let mut w = InflightWindow::new(0, 4 << 20);
+        assert_eq!(w.limit(Instant::now()), 16 << 20);
+        assert_eq!(w.ack_interval(), 4 << 20);
+    }
+
+    #[test]
     fn a_large_acknowledgement_interval_raises_the_floor() {
         let start = Instant::now();
-        let mut w = InflightWindow::new(0);
+        let mut w = InflightWindow::new(0, 0);
         w.on_sent(start, 64 << 20);
         for i in 1..=ACK_STEP_RUN as u64 {
             // Every step at least 1 MiB, some of them several acknowledgements at once.
@@ -278,7 +299,7 @@ mod tests {
     #[test]
     fn the_minimum_round_trip_is_re_measured_with_little_in_flight() {
         let start = Instant::now();
-        let mut w = InflightWindow::new(0);
+        let mut w = InflightWindow::new(0, 0);
         w.on_sent(start, 64 * 1024);
         w.on_ack(start + MS, 64 * 1024);
         // A rate: 128 KiB in 20 ms.

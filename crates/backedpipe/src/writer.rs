@@ -65,9 +65,10 @@ pub enum Retention {
     /// [`acknowledge`](BackedWriter::acknowledge); writes wait while `capacity` bytes are
     /// unacknowledged (session mode). Nothing unacknowledged is ever dropped, and memory stays
     /// bounded by the capacity whatever the peer does. Writes also wait while more is
-    /// unacknowledged than the path needs in flight (three times the measured delivery rate times
-    /// the minimum round trip, at least 256 KiB), which keeps the buffer in the CPU's caches
-    /// on short paths.
+    /// unacknowledged than the path needs in flight (three times the measured delivery rate
+    /// times the minimum round trip, at least 256 KiB and four of the peer's acknowledgement
+    /// intervals, but 128 KiB for a round trip every 10 s while the round trip is
+    /// re-measured), which keeps the buffer in the CPU's caches on short paths.
     UntilAcked,
 }
 
@@ -93,6 +94,8 @@ struct WriterState<W> {
     /// Session mode: the in-flight window of the current transport, which keeps fewer bytes
     /// unacknowledged than the capacity allows when the path needs fewer.
     window: Option<InflightWindow>,
+    /// Session mode: how often the peer is expected to acknowledge, for the first window.
+    ack_interval: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,6 +156,7 @@ impl<W: AsyncWrite + Unpin> BackedWriter<W> {
                 shut_down: false,
                 room_wanted: false,
                 window: None,
+                ack_interval: 0,
             }),
             waiters,
             fanout,
@@ -313,6 +317,12 @@ impl<W: AsyncWrite + Unpin> BackedWriter<W> {
         self.lock().end_marker = true;
     }
 
+    /// Session mode: the peer is expected to acknowledge about every `bytes` bytes, which the
+    /// first transport's in-flight window allows for until it has measured the peer.
+    pub(crate) fn set_ack_interval(&self, bytes: u64) {
+        self.lock().ack_interval = bytes;
+    }
+
     /// Attaches `new_writer` and replays every byte from `replay_from` (the number of bytes the
     /// peer has read) before writes resume. Writes issued meanwhile wait for it.
     ///
@@ -338,8 +348,13 @@ impl<W: AsyncWrite + Unpin> BackedWriter<W> {
                 // and may be the only one those bytes ever get (the peer acked before
                 // the handshake, on its side of the reconnect).
                 st.ring.trim_to(replay_from);
-                // A new path (perhaps a different route): measure it afresh.
-                st.window = Some(InflightWindow::new(replay_from));
+                // A new path (perhaps a different route): measure it afresh, keeping what was
+                // learnt about the peer.
+                let ack_interval = st
+                    .window
+                    .as_ref()
+                    .map_or(st.ack_interval, InflightWindow::ack_interval);
+                st.window = Some(InflightWindow::new(replay_from, ack_interval));
             }
             st.transport = Some(new_writer);
             st.link = Link::Replaying;

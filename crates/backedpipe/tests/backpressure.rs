@@ -104,3 +104,43 @@ async fn an_acknowledgement_from_the_future_is_rejected() {
         })
     ));
 }
+
+/// Below a large capacity, the writer lets out no more than its in-flight window (1 MiB on a
+/// path with nothing measured yet), and acknowledgements let more through.
+#[tokio::test(start_paused = true)]
+async fn a_writer_keeps_no_more_than_its_in_flight_window_unacknowledged() {
+    const CHUNK: usize = 64 * 1024;
+    const WINDOW: u64 = 1 << 20;
+    let (events, _failures) = events();
+    let writer = std::sync::Arc::new(
+        BackedWriter::with_retention(16 << 20, Retention::UntilAcked, events).unwrap(),
+    );
+    writer.reconnect(0, tokio::io::sink()).await.unwrap();
+    let flood = {
+        let writer = writer.clone();
+        tokio::spawn(async move {
+            for _ in 0..64 {
+                writer.write(&[5; CHUNK]).await?;
+            }
+            Ok::<_, Error>(())
+        })
+    };
+    settle().await;
+    assert!(!flood.is_finished(), "4 MiB cannot go out unacknowledged");
+    // The window is a threshold: the write that crosses it goes out whole.
+    let sent = writer.sequence_num();
+    assert!(
+        (WINDOW..WINDOW + CHUNK as u64).contains(&sent),
+        "{sent} bytes out for a {WINDOW}-byte window"
+    );
+    writer.acknowledge(WINDOW / 2).unwrap();
+    settle().await;
+    let more = writer.sequence_num() - sent;
+    assert!(
+        (WINDOW / 2 - CHUNK as u64..=WINDOW / 2 + CHUNK as u64).contains(&more),
+        "an acknowledgement of {} let {more} more bytes out",
+        WINDOW / 2
+    );
+    writer.close().unwrap();
+    assert!(matches!(flood.await.unwrap(), Err(Error::WriterClosed)));
+}

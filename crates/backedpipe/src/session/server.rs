@@ -169,6 +169,7 @@ impl SessionServer {
                 let id = established.session_id();
                 let link = Arc::new(SessionLink::default());
                 let pipe = BackedPipe::passive_session(self.inner.options.pipe.clone())?;
+                pipe.set_ack_interval(self.inner.options.timing.ack_every);
                 link.attach_pipe(pipe.hooks());
                 let io = std::mem::replace(io, Box::new(tokio::io::empty()));
                 let conn = SessionConn::start(

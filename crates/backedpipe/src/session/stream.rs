@@ -101,6 +101,7 @@ impl Session {
             credentials: Arc::clone(&credentials),
         };
         let pipe = BackedPipe::session_mode(Some(dialer), options.pipe)?;
+        pipe.set_ack_interval(options.timing.ack_every);
         link.attach_pipe(pipe.hooks());
         pipe.connect().await?;
         let id = credentials
