@@ -71,22 +71,38 @@ struct Entry {
     link: Arc<SessionLink>,
 }
 
-/// A session's pipe and link, as a resume needs them.
-type LiveSession = (BackedPipe<SessionConn>, Arc<SessionLink>);
+/// What a verified resume finds when it claims its attempt number.
+#[derive(Debug)]
+enum Claim {
+    /// The attempt is recorded as the session's latest: its pipe and link.
+    Live(BackedPipe<SessionConn>, Arc<SessionLink>),
+    /// The session expired or closed since the lookup.
+    Gone,
+    /// A resume with this newer attempt number was accepted since the lookup.
+    Stale {
+        /// The attempt number recorded.
+        last_attempt: u64,
+    },
+}
 
 impl Table {
     /// Records `attempt` as the session's last accepted resume attempt if it is newer than the
-    /// one recorded, and returns the session's pipe and link (`None` if the session is gone);
-    /// an attempt that is not newer is refused with the number recorded.
-    fn claim_attempt(&mut self, id: SessionId, attempt: u64) -> Result<Option<LiveSession>, u64> {
+    /// one recorded (checked and recorded under one lock, so of two racing resumes only the
+    /// newer can win).
+    fn claim_attempt(&mut self, id: SessionId, attempt: u64) -> Claim {
         let Some(entry) = self.sessions.get_mut(&id) else {
-            return Ok(None);
+            return Claim::Gone;
         };
         if attempt <= entry.last_attempt {
-            return Err(entry.last_attempt);
+            return Claim::Stale {
+                last_attempt: entry.last_attempt,
+            };
         }
         entry.last_attempt = attempt;
-        Ok(entry.pipe.upgrade().map(|pipe| (pipe, entry.link.clone())))
+        match entry.pipe.upgrade() {
+            Some(pipe) => Claim::Live(pipe, entry.link.clone()),
+            None => Claim::Gone,
+        }
     }
 
     fn forget(&mut self, id: SessionId, expired: bool) {
@@ -208,22 +224,21 @@ impl SessionServer {
                 let id = verified.session_id();
                 // Record the attempt, so this HELLO is never accepted again, checking it against
                 // the number recorded now: a resume racing this one may have been newer.
-                let claimed = self.table().claim_attempt(id, verified.attempt());
-                let found = match claimed {
-                    Ok(found) => found,
-                    Err(last_attempt) => {
+                let claim = self.table().claim_attempt(id, verified.attempt());
+                let (pipe, link) = match claim {
+                    Claim::Live(pipe, link) => (pipe, link),
+                    Claim::Stale { last_attempt } => {
                         let error = HandshakeError::ReplayedResume {
                             attempt: verified.attempt(),
                             last_attempt,
                         };
                         return Err(fail(io, error.into(), None).await);
                     }
-                };
-                let Some((pipe, link)) = found else {
-                    // Expired or closed since the lookup.
-                    let close = verified.refuse(CloseCode::UnknownSession, "unknown session");
-                    send_close(io, close).await;
-                    return Err(Error::SessionUnknown(id));
+                    Claim::Gone => {
+                        let close = verified.refuse(CloseCode::UnknownSession, "unknown session");
+                        send_close(io, close).await;
+                        return Err(Error::SessionUnknown(id));
+                    }
                 };
                 if let Err(err) = pipe.check_replay_from(verified.client_reader_seq()) {
                     let close = verified.refuse(CloseCode::ReplayUnavailable, err.to_string());
@@ -298,5 +313,46 @@ async fn watch_ttl(
         if let Some(pipe) = pipe.upgrade() {
             pipe.fail(Error::SessionExpired(id));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::PipeConfig;
+
+    #[tokio::test]
+    async fn of_two_racing_resumes_only_the_newer_attempt_can_claim_the_session() {
+        let id = SessionId::from_bytes([1; 16]);
+        let pipe = BackedPipe::<SessionConn>::passive_session(PipeConfig::default()).unwrap();
+        let mut table = Table::default();
+        table.sessions.insert(
+            id,
+            Entry {
+                secret: Secret::from_bytes([2; 32]),
+                last_attempt: 0,
+                pipe: pipe.downgrade(),
+                link: Arc::default(),
+            },
+        );
+        // Both were verified against the lookup's 0; the newer one claims first.
+        assert!(matches!(table.claim_attempt(id, 6), Claim::Live(..)));
+        assert!(matches!(
+            table.claim_attempt(id, 5),
+            Claim::Stale { last_attempt: 6 }
+        ));
+        // Nor can the winner's HELLO be claimed twice.
+        assert!(matches!(
+            table.claim_attempt(id, 6),
+            Claim::Stale { last_attempt: 6 }
+        ));
+        assert!(matches!(table.claim_attempt(id, 7), Claim::Live(..)));
+        assert!(matches!(
+            table.claim_attempt(SessionId::from_bytes([9; 16]), 1),
+            Claim::Gone
+        ));
+        pipe.close().await.unwrap();
+        drop(pipe);
+        assert!(matches!(table.claim_attempt(id, 8), Claim::Gone));
     }
 }
