@@ -2,8 +2,8 @@
 //! state returns is valid on the wire, and a resume is established only with the right MACs.
 //!
 //! Input: one role byte (0 server, 1 client new session, 2 client resume; taken modulo 3), then
-//! the bytes of the peer's first frame. The server knows one session (whose last accepted resume attempt is 2) and draws
-//! "randomness" as fixed 0x42 bytes, so the seed corpus (written by
+//! the bytes of the peer's first frame. The server knows one session (whose last accepted resume
+//! attempt is 2) and draws "randomness" as fixed 0x42 bytes, so the seed corpus (written by
 //! `crates/backedpipe/tests/protocol_fuzz_corpus.rs`, which shares these constants) can carry
 //! complete valid handshakes.
 #![no_main]

@@ -181,8 +181,9 @@ fn replayed_hello_is_refused_once_its_attempt_was_accepted() {
         .unwrap()
         .into_resume()
         .unwrap();
-    store.last_attempt = verified.attempt(); // what the server records on accepting
-                                             // ...and sends the HELLO again on a new connection: its attempt number is spent.
+    // What the server records on accepting.
+    store.last_attempt = verified.attempt();
+    // ...and sends the HELLO again on a new connection: its attempt number is spent.
     assert_refused(
         refusal(captured, &mut store),
         HandshakeError::ReplayedResume {

@@ -564,9 +564,21 @@ async fn a_refused_port_is_422_dial_failed() {
 
 #[tokio::test]
 async fn a_service_listening_on_ipv6_loopback_only_is_reached() {
-    let Ok(listener) = TcpListener::bind("[::1]:0").await else {
-        eprintln!("no IPv6 loopback on this machine; nothing to check");
-        return;
+    // A listener on ::1, and the same port on 127.0.0.1 held by a socket that does not listen
+    // (so a connection there is refused, and nothing else can take the port meanwhile).
+    let (listener, _held) = loop {
+        let Ok(listener) = TcpListener::bind("[::1]:0").await else {
+            eprintln!("no IPv6 loopback on this machine; nothing to check");
+            return;
+        };
+        let port = listener.local_addr().unwrap().port();
+        let v4 = tokio::net::TcpSocket::new_v4().unwrap();
+        if v4
+            .bind((std::net::Ipv4Addr::LOCALHOST, port).into())
+            .is_ok()
+        {
+            break (listener, v4);
+        }
     };
     let port = listener.local_addr().unwrap().port();
     let agent = start(|_| {}).await;

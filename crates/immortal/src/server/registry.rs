@@ -158,8 +158,9 @@ impl Registry {
         streams.iter().map(|stream| stream.info()).collect()
     }
 
-    /// Creates a stream to `port` on the loopback interface: dials it, makes room (evicting the oldest stream
-    /// with no client attached if the table is full), registers the stream and starts its task.
+    /// Creates a stream to `port` on the loopback interface: dials it, makes room (evicting the
+    /// oldest stream with no client attached if the table is full), registers the stream and
+    /// starts its task.
     pub(crate) async fn create(
         &self,
         port: u16,
@@ -289,7 +290,7 @@ async fn dial(port: u16) -> Result<TcpStream, CreateError> {
             Ok(tcp)
         }
         Ok(Err(err)) if err.kind() == std::io::ErrorKind::ConnectionRefused => Err(failed(
-            "connection refused on 127.0.0.1 and ::1 (is anything listening on that port?)".into(),
+            "connection refused (is anything listening on that port?)".into(),
         )),
         Ok(Err(err)) => Err(failed(err.to_string())),
         Err(_) => Err(failed(format!(
