@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use rig::Rig;
@@ -209,23 +209,27 @@ async fn throughput(
     })
 }
 
+/// The writer task of every throughput layout: `bytes` bytes in [`CHUNK`]-sized writes; gives
+/// the write half back.
+async fn write_bytes<W: AsyncWrite + Unpin>(mut tx: W, bytes: u64) -> std::io::Result<W> {
+    let chunk = vec![7u8; CHUNK];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(CHUNK as u64) as usize;
+        tx.write_all(&chunk[..n]).await?;
+        left -= n as u64;
+    }
+    Ok(tx)
+}
+
 /// A writer task and a reader task on a plain TCP connection.
 async fn raw_throughput(bytes: u64) -> Result<f64, BoxError> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
-    let (mut tx, (mut rx, _)) = (client?, accepted?);
+    let (tx, (mut rx, _)) = (client?, accepted?);
     let start = Instant::now();
-    let writer = tokio::spawn(async move {
-        let chunk = vec![7u8; CHUNK];
-        let mut left = bytes;
-        while left > 0 {
-            let n = left.min(CHUNK as u64) as usize;
-            tx.write_all(&chunk[..n]).await?;
-            left -= n as u64;
-        }
-        Ok::<_, std::io::Error>(tx)
-    });
+    let writer = tokio::spawn(write_bytes(tx, bytes));
     let reader = tokio::spawn(async move {
         let mut buf = vec![0u8; CHUNK];
         let mut got = 0u64;
@@ -254,18 +258,9 @@ async fn pipe_throughput(bytes: u64, capacity: usize) -> Result<f64, BoxError> {
         cutter: _,
         accept_task,
     } = Rig::new(capacity).await?;
-    let (client_read, mut tx) = client.into_split();
+    let (client_read, tx) = client.into_split();
     let start = Instant::now();
-    let writer = tokio::spawn(async move {
-        let chunk = vec![7u8; CHUNK];
-        let mut left = bytes;
-        while left > 0 {
-            let n = left.min(CHUNK as u64) as usize;
-            tx.write_all(&chunk[..n]).await?;
-            left -= n as u64;
-        }
-        Ok::<_, std::io::Error>(tx)
-    });
+    let writer = tokio::spawn(write_bytes(tx, bytes));
     let reader = {
         let server = server.clone();
         tokio::spawn(async move {
@@ -300,18 +295,9 @@ async fn session_throughput(
     ack_every: Option<u64>,
 ) -> Result<f64, BoxError> {
     let rig = SessionRig::with_ack_every(capacity, ack_every).await?;
-    let (client_read, mut tx) = rig.client.into_split();
+    let (client_read, tx) = rig.client.into_split();
     let start = Instant::now();
-    let writer = tokio::spawn(async move {
-        let chunk = vec![7u8; CHUNK];
-        let mut left = bytes;
-        while left > 0 {
-            let n = left.min(CHUNK as u64) as usize;
-            tx.write_all(&chunk[..n]).await?;
-            left -= n as u64;
-        }
-        Ok::<_, std::io::Error>(tx)
-    });
+    let writer = tokio::spawn(write_bytes(tx, bytes));
     let reader = {
         let server = rig.server.clone();
         tokio::spawn(async move {
