@@ -14,7 +14,9 @@ use clap::Args;
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::mpsc;
 
-use super::common::{carry, report_status, session_error, termination, ClientArgs, Until};
+use super::common::{
+    carry, report_status, session_error, termination, ClientArgs, SessionArgs, Until,
+};
 use super::CliError;
 use crate::client::ApiClient;
 
@@ -39,6 +41,9 @@ pub struct ConnectArgs {
     /// Where the agent is and how to reach it.
     #[command(flatten)]
     pub client: ClientArgs,
+    /// How the stream's connections travel and are watched.
+    #[command(flatten)]
+    pub session: SessionArgs,
     /// The TCP port on the agent's host to connect to (22 for its sshd).
     pub target_port: u16,
 }
@@ -53,9 +58,9 @@ pub async fn run(args: ConnectArgs) -> Result<(), CliError> {
     let stdin = StdinReader::spawn().map_err(|err| CliError::Other(format!("stdin: {err}")))?;
     let stream = api.create_stream(args.target_port, None).await?;
     tracing::debug!(stream = %stream.id, port = stream.port, "stream created");
-    let connector = args.client.connector(&api, &stream.id);
+    let connector = args.session.connector(&api, &stream);
     let mut gone = connector.gone_signal();
-    let session = match Session::connect(connector, args.client.session_options()).await {
+    let session = match Session::connect(connector, args.session.session_options()).await {
         Ok(session) => session,
         Err(err) => {
             let err = gone
@@ -73,7 +78,7 @@ pub async fn run(args: ConnectArgs) -> Result<(), CliError> {
     });
     let carried = tokio::select! {
         result = carry(&session, &mut gone, stdin, tokio::io::stdout(), Until::RemoteEnds) => result,
-        signal = termination() => Err(CliError::Other(format!("stopped by {signal}"))),
+        signal = termination() => Err(CliError::Stopped(signal)),
     };
     if let Some(reporter) = reporter {
         reporter.abort();
@@ -97,6 +102,10 @@ pub async fn run(args: ConnectArgs) -> Result<(), CliError> {
         Err(err) => {
             if !matches!(err, CliError::StreamGone(_) | CliError::Unauthorized(_)) {
                 delete_quietly(&api, &stream.id).await;
+            }
+            // ssh ends its ProxyCommand with SIGHUP when the session is over: a normal end.
+            if matches!(err, CliError::Stopped("SIGHUP")) {
+                return Ok(());
             }
             Err(err)
         }

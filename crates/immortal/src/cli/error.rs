@@ -14,6 +14,7 @@ use std::process::ExitCode;
 /// | 5 | the agent could not connect to the target port ([`CliError::DialFailed`]) |
 /// | 6 | the agent is full ([`CliError::TooManyStreams`]) |
 /// | 7 | the agent could not be reached ([`CliError::Unreachable`]) |
+/// | 130 | stopped by a signal ([`CliError::Stopped`]); SIGHUP ends `connect` with 0, silently (ssh sends it when the session is over) |
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CliError {
@@ -37,6 +38,9 @@ pub enum CliError {
         /// Why it failed.
         reason: String,
     },
+    /// The process was asked to stop (the signal's name).
+    #[error("stopped by {0}")]
+    Stopped(&'static str),
     /// Anything else.
     #[error("{0}")]
     Other(String),
@@ -52,6 +56,7 @@ impl CliError {
             CliError::DialFailed(_) => 5,
             CliError::TooManyStreams(_) => 6,
             CliError::Unreachable { .. } => 7,
+            CliError::Stopped(_) => 130,
         })
     }
 }

@@ -13,6 +13,6 @@ mod error;
 mod stream;
 
 pub use self::api_client::{ApiClient, REQUEST_TIMEOUT};
-pub use self::dial::{Dialer, ServerAddr, TlsTrust, DIAL_TIMEOUT};
+pub use self::dial::{Dialer, ServerAddr, TlsTrust, DEFAULT_PORT, DIAL_TIMEOUT};
 pub use self::error::ClientError;
 pub use self::stream::{Carrier, GoneSignal, StreamConnector};
