@@ -355,6 +355,8 @@ impl Connection {
             return Err(err);
         }
         self.send.check_resume(peer_offset)?;
+        let mut decoder = decoder;
+        decoder.end_handshake();
         self.send.on_new_path(peer_offset);
         self.recv.on_new_path();
         self.path = Some(Path::new(decoder, peer_offset));
