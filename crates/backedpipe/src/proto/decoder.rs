@@ -153,7 +153,9 @@ impl FrameDecoder {
                     head.copy_from_slice(&self.buf[..HEADER_LEN]);
                     let header = FrameHeader::parse(head)?;
                     let frame_type = header.frame_type;
-                    if self.handshake && !frame_type.is_handshake() && frame_type != FrameType::Close
+                    if self.handshake
+                        && !frame_type.is_handshake()
+                        && frame_type != FrameType::Close
                     {
                         return Err(DecodeError::NotAHandshakeFrame(frame_type));
                     }
