@@ -461,6 +461,16 @@ impl Connection {
         taken
     }
 
+    /// How many more bytes complete the frame header or control frame being received (zero
+    /// inside a DATA payload): a reader that wants no byte past the current frame reads at most
+    /// this many into [`receive_buffer`](Self::receive_buffer).
+    pub fn frame_wanted(&self) -> usize {
+        match &self.path {
+            Some(path) if path.data_left == 0 => path.decoder.wanted(),
+            _ => 0,
+        }
+    }
+
     /// How many bytes the application may read straight from the transport into its own
     /// buffer: the rest of the DATA frame being received, when nothing received is waiting to
     /// be read before it. Zero otherwise.
