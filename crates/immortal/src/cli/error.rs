@@ -14,6 +14,7 @@ use std::process::ExitCode;
 /// | 5 | the agent could not connect to the target port ([`CliError::DialFailed`]) |
 /// | 6 | the agent is full ([`CliError::TooManyStreams`]) |
 /// | 7 | the agent could not be reached ([`CliError::Unreachable`]) |
+/// | 8 | `immortal agent`: another agent runs for this user ([`CliError::AgentRunning`]) |
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CliError {
@@ -37,6 +38,9 @@ pub enum CliError {
         /// Why it failed.
         reason: String,
     },
+    /// `immortal agent` found another agent of the same user running.
+    #[error("{0}")]
+    AgentRunning(String),
     /// Anything else.
     #[error("{0}")]
     Other(String),
@@ -52,6 +56,7 @@ impl CliError {
             CliError::DialFailed(_) => 5,
             CliError::TooManyStreams(_) => 6,
             CliError::Unreachable { .. } => 7,
+            CliError::AgentRunning(_) => 8,
         })
     }
 }

@@ -20,6 +20,7 @@
 
 mod registry;
 mod routes;
+mod socket_agent;
 mod stream;
 mod upgrade;
 
@@ -43,6 +44,7 @@ use crate::token::Token;
 
 use self::registry::Registry;
 pub use self::registry::{RemovalReason, StreamEvent};
+pub use self::socket_agent::{SocketAgent, SocketAgentConfig, SocketAgentError, Stopped};
 
 /// How long [`Agent::run_until`] waits for the streams to close once told to stop: enough for
 /// each session's CLOSE to leave (a session waits about a second for that).

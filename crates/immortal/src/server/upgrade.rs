@@ -160,8 +160,9 @@ fn websocket_key(headers: &HeaderMap) -> Result<&str, ApiFailure> {
         })
 }
 
-/// Runs the session handshake on an upgraded connection of `stream`.
-async fn attach(stream: &Stream, mut io: BoxIo, timeout: Duration) {
+/// Runs the session handshake on an upgraded connection of `stream` (or on a connection to
+/// the agent's Unix socket, after its request line).
+pub(super) async fn attach(stream: &Stream, mut io: BoxIo, timeout: Duration) {
     let (is_new, hello) = match tokio::time::timeout(timeout, read_hello(&mut io)).await {
         Ok(Ok(peeked)) => peeked,
         Ok(Err(err)) => {
