@@ -5,8 +5,12 @@
 //! acknowledgements; the writer decides when bytes may be evicted or trimmed.
 //!
 //! Differences from the Go ring, all deliberate:
-//! - memory is committed as bytes arrive (growing by doubling up to the capacity), so an idle
-//!   pipe costs nothing instead of 64 MiB;
+//! - memory is committed as bytes arrive, so an idle pipe costs nothing instead of 64 MiB. The
+//!   ring's span grows by doubling up to the capacity, but what it holds never moves when it
+//!   grows unless it had wrapped around (only after [`trim_to`](ReplayBuffer::trim_to), so never
+//!   in raw mode): past [`RESERVE_ALL_ABOVE`] the whole capacity is reserved once as address
+//!   space, which the system commits page by page as bytes land, so a large ring is neither
+//!   copied nor faulted in twice while it fills;
 //! - reads hand out the (at most two) slices of the ring instead of copying into a new
 //!   allocation, so a replay writes straight from the buffer;
 //! - it counts absolute sequence numbers, so a replay offset is checked against
@@ -16,8 +20,14 @@
 
 use crate::error::{Error, Result};
 
-/// The smallest allocation the buffer makes once bytes arrive.
+/// The smallest span the buffer uses once bytes arrive.
 const MIN_COMMIT: usize = 4 * 1024;
+
+/// Up to this span the buffer reserves what its span needs (a small ring, as most pipes and
+/// sessions have, reserves little); once it spans more, it reserves its whole capacity at once,
+/// copying what it holds (at most this much) for the last time. The reservation is address
+/// space only: the system commits a page when a byte is first written to it.
+pub(crate) const RESERVE_ALL_ABOVE: usize = 1024 * 1024;
 
 /// A fixed-capacity ring of the most recent bytes written, addressed by absolute sequence number.
 ///
@@ -34,10 +44,16 @@ const MIN_COMMIT: usize = 4 * 1024;
 /// ```
 #[derive(Debug)]
 pub struct ReplayBuffer {
-    /// Committed storage; grows up to `capacity`.
+    /// Storage. `storage.len()` bytes have been written at least once (committed); the Vec's
+    /// spare capacity is reserved address space that no byte has reached yet. Every byte held
+    /// lies below `storage.len()`.
     storage: Vec<u8>,
+    /// The ring's span: positions wrap around at `span` (`storage.len() <= span <= capacity`).
+    /// It grows by doubling as more is held at once, so a ring that never holds much keeps its
+    /// write position in a small, cache-hot region.
+    span: usize,
     capacity: usize,
-    /// Index in `storage` of the oldest byte held.
+    /// Position of the oldest byte held.
     head: usize,
     /// Number of bytes held.
     len: usize,
@@ -57,6 +73,7 @@ impl ReplayBuffer {
         }
         Ok(ReplayBuffer {
             storage: Vec::new(),
+            span: 0,
             capacity,
             head: 0,
             len: 0,
@@ -156,12 +173,16 @@ impl ReplayBuffer {
         if n == 0 {
             return (&[], &[]);
         }
-        let size = self.storage.len();
-        let start = (self.head + self.len - n) % size;
-        if start + n <= size {
+        let span = self.span;
+        let start = (self.head + self.len - n) % span;
+        if start + n <= span {
             (&self.storage[start..start + n], &[])
         } else {
-            (&self.storage[start..], &self.storage[..n - (size - start)])
+            // Wrapped: the ring has written up to its span, so `storage.len() == span`.
+            (
+                &self.storage[start..span],
+                &self.storage[..n - (span - start)],
+            )
         }
     }
 
@@ -210,39 +231,57 @@ impl ReplayBuffer {
         self.head = if self.len == 0 {
             0
         } else {
-            (self.head + n) % self.storage.len()
+            (self.head + n) % self.span
         };
     }
 
     /// Copies `data` after the newest byte; the caller guarantees it fits in the capacity.
     fn copy_in(&mut self, data: &[u8]) {
         debug_assert!(self.len + data.len() <= self.capacity);
-        self.reserve(data.len());
-        let size = self.storage.len();
-        let tail = (self.head + self.len) % size;
-        let first = data.len().min(size - tail);
-        self.storage[tail..tail + first].copy_from_slice(&data[..first]);
-        self.storage[..data.len() - first].copy_from_slice(&data[first..]);
+        if self.len + data.len() > self.span {
+            self.grow(self.len + data.len());
+        }
+        let tail = (self.head + self.len) % self.span;
+        let first = data.len().min(self.span - tail);
+        self.put(tail, &data[..first]);
+        self.put(0, &data[first..]);
         self.len += data.len();
     }
 
-    /// Makes room for `additional` more bytes, committing more memory if needed.
-    fn reserve(&mut self, additional: usize) {
-        let needed = self.len + additional;
-        if needed <= self.storage.len() {
-            return;
+    /// Writes `bytes` at position `at`, which is at most `storage.len()` and leaves room for
+    /// them below the span: over bytes written before, then past them (committing memory).
+    fn put(&mut self, at: usize, bytes: &[u8]) {
+        debug_assert!(at <= self.storage.len() && at + bytes.len() <= self.span);
+        let over = bytes.len().min(self.storage.len() - at);
+        self.storage[at..at + over].copy_from_slice(&bytes[..over]);
+        // Within the reservation (see `grow`): no reallocation, nothing moves.
+        self.storage.extend_from_slice(&bytes[over..]);
+    }
+
+    /// Widens the span to hold `needed` bytes. What is held stays where it is, unless it wraps
+    /// around the old span: then the wrapped part (the bytes at the front) moves up behind the
+    /// rest, as far as the new span reaches.
+    fn grow(&mut self, needed: usize) {
+        debug_assert!(needed > self.span && needed <= self.capacity);
+        let old = self.span;
+        let span = needed.max(old * 2).max(MIN_COMMIT).min(self.capacity);
+        let reserve = if span > RESERVE_ALL_ABOVE {
+            self.capacity
+        } else {
+            span
+        };
+        // A no-op once the reservation is made; before that, the copy of a small ring.
+        self.storage
+            .reserve_exact(reserve.saturating_sub(self.storage.len()));
+        self.span = span;
+        if self.head + self.len > old {
+            // Wrapped: [head, old) then [0, wrapped). The first `moved` of the front bytes go
+            // up to [old, old + moved); the rest shift down to the front.
+            debug_assert_eq!(self.storage.len(), old);
+            let wrapped = self.head + self.len - old;
+            let moved = wrapped.min(span - old);
+            self.storage.extend_from_within(..moved);
+            self.storage.copy_within(moved..wrapped, 0);
         }
-        let new_size = needed
-            .max(self.storage.len() * 2)
-            .max(MIN_COMMIT)
-            .min(self.capacity);
-        // A fresh zeroed allocation (large ones come straight from the OS, already zero, so no
-        // page is touched until a byte lands on it), then the held bytes copied to its front.
-        let mut storage = vec![0; new_size];
-        let (first, second) = self.last(self.len);
-        storage[..first.len()].copy_from_slice(first);
-        storage[first.len()..self.len].copy_from_slice(second);
-        self.storage = storage;
-        self.head = 0;
     }
 }

@@ -18,7 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use rig::Rig;
 use session::SessionRig;
-use stats::{median, ratio_median};
+use stats::{median, ratio_median, Usage};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -179,32 +179,54 @@ async fn throughput(
 ) -> Result<Report, BoxError> {
     let mut raw = Vec::new();
     let mut pipe = Vec::new();
+    let (mut raw_usage, mut pipe_usage) = (Vec::new(), Vec::new());
     for i in 0..=pairs {
+        let before = Usage::now();
         let r = raw_throughput(bytes).await?;
+        let between = Usage::now();
         let p = match mode {
             Mode::Session => session_throughput(bytes, capacity, ack_every).await?,
             Mode::Raw => pipe_throughput(bytes, capacity).await?,
         };
+        let (ru, pu) = (between.since(before), Usage::now().since(between));
         eprintln!(
-            "pair {i}: raw {r:.0} MB/s, pipe {p:.0} MB/s, ratio {:.3}",
-            p / r
+            "pair {i}: raw {r:.0} MB/s, pipe {p:.0} MB/s, ratio {:.3}; user/sys ms, minor faults: raw {:.0}/{:.0}, {:.0}; pipe {:.0}/{:.0}, {:.0}",
+            p / r,
+            ru.user_ms,
+            ru.sys_ms,
+            ru.minflt,
+            pu.user_ms,
+            pu.sys_ms,
+            pu.minflt
         );
         if i > 0 {
             // Pair 0 warms pages and caches; it is not counted.
             raw.push(r);
             pipe.push(p);
+            raw_usage.push(ru);
+            pipe_usage.push(pu);
         }
     }
     let ratio = ratio_median(&pipe, &raw);
     let (raw_mb_s, pipe_mb_s) = (median(&raw), median(&pipe));
+    let (ru, pu) = (Usage::median(&raw_usage), Usage::median(&pipe_usage));
     Ok(Report {
         json: json!({
             "bench": "throughput", "mode": mode.name(), "bytes": bytes, "cpus": cpus,
             "raw_tcp_mb_s": round(raw_mb_s), "pipe_mb_s": round(pipe_mb_s), "ratio": round3(ratio),
+            "raw_user_ms": round(ru.user_ms), "raw_sys_ms": round(ru.sys_ms), "raw_minflt": round(ru.minflt),
+            "pipe_user_ms": round(pu.user_ms), "pipe_sys_ms": round(pu.sys_ms), "pipe_minflt": round(pu.minflt),
         }),
         text: format!(
-            "throughput ({} mode, {cpus} cpu, {bytes} bytes, {pairs} pairs): raw TCP {raw_mb_s:.0} MB/s, pipe {pipe_mb_s:.0} MB/s, ratio {ratio:.3}",
-            mode.name()
+            "throughput ({} mode, {cpus} cpu, {bytes} bytes, {pairs} pairs): raw TCP {raw_mb_s:.0} MB/s, pipe {pipe_mb_s:.0} MB/s, ratio {ratio:.3}\n\
+             per run (medians, the whole process, setup and teardown included): raw TCP {:.0} ms user, {:.0} ms sys, {:.0} minor faults; pipe {:.0} ms user, {:.0} ms sys, {:.0} minor faults",
+            mode.name(),
+            ru.user_ms,
+            ru.sys_ms,
+            ru.minflt,
+            pu.user_ms,
+            pu.sys_ms,
+            pu.minflt
         ),
     })
 }

@@ -12,6 +12,15 @@ pub const STREAMS_PATH: &str = "/v1/streams";
 /// binary WebSocket messages.)
 pub const UPGRADE_PROTOCOL: &str = "immortal-session/1";
 
+/// The header by which an upgrade to `/v1/streams/{id}/connect` proves that it comes from the
+/// client that created the stream: its value is the [`StreamInfo::attach_key`] of the create
+/// response. One bearer token is full access to the agent; the attach key keeps another holder
+/// of the token from taking over a stream that its creator is about to attach.
+pub const ATTACH_KEY_HEADER: &str = "immortal-attach-key";
+
+/// The largest request body the agent reads: its JSON bodies are a few dozen bytes.
+pub const MAX_REQUEST_BODY: usize = 4096;
+
 /// The path of one stream.
 pub fn stream_path(id: &str) -> String {
     format!("{STREAMS_PATH}/{id}")
@@ -54,6 +63,11 @@ pub struct StreamInfo {
     pub bytes_to_service: u64,
     /// Bytes carried from the local service to the client.
     pub bytes_from_service: u64,
+    /// The secret that every upgrade to this stream must present in the
+    /// [`ATTACH_KEY_HEADER`] header (32 hex digits). Only the answer to the create request
+    /// carries it, so only the creator can attach; listings leave it out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attach_key: Option<String>,
 }
 
 /// `GET /v1/streams`.
@@ -102,6 +116,12 @@ pub enum ErrorCode {
     NotFound,
     /// 405: the endpoint exists but does not take this method.
     MethodNotAllowed,
+    /// 403: an upgrade without the stream's attach key (only its creator may attach).
+    AttachRefused,
+    /// 413: the request body is larger than [`MAX_REQUEST_BODY`].
+    PayloadTooLarge,
+    /// 408: the request (head and body) did not arrive within the agent's time limit.
+    RequestTimeout,
 }
 
 impl ErrorCode {
@@ -117,6 +137,9 @@ impl ErrorCode {
             ErrorCode::Internal => 500,
             ErrorCode::NotFound => 404,
             ErrorCode::MethodNotAllowed => 405,
+            ErrorCode::AttachRefused => 403,
+            ErrorCode::PayloadTooLarge => 413,
+            ErrorCode::RequestTimeout => 408,
         }
     }
 }

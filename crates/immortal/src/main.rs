@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use immortal::cli;
 
 /// Keeps SSH sessions and port-forwards alive across laptop sleep and network changes.
@@ -33,10 +33,45 @@ enum Command {
     Demo(cli::demo::DemoArgs),
     Relay(cli::relay::RelayArgs),
     Agent(cli::agent::AgentArgs),
+    Completions(Completions),
+    Man(Man),
 }
+
+/// Print a shell completion script to stdout.
+///
+/// Example: immortal completions bash > ~/.local/share/bash-completion/completions/immortal
+#[derive(clap::Args)]
+struct Completions {
+    /// The shell to complete in.
+    shell: clap_complete::Shell,
+}
+
+/// Print the manual page (roff) to stdout.
+///
+/// Example: immortal man > ~/.local/share/man/man1/immortal.1 && man immortal
+#[derive(clap::Args)]
+struct Man {}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    match &cli.command {
+        Command::Completions(Completions { shell }) => {
+            let mut command = Cli::command();
+            // Into memory first (writing to a closed pipe would panic inside clap_complete).
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut command, "immortal", &mut script);
+            return print(&script, "the completion script");
+        }
+        Command::Man(Man {}) => {
+            let mut page = Vec::new();
+            if let Err(err) = clap_mangen::Man::new(Cli::command()).render(&mut page) {
+                eprintln!("immortal: cannot render the manual page: {err}");
+                return ExitCode::FAILURE;
+            }
+            return print(&page, "the manual page");
+        }
+        _ => {}
+    }
     cli::init_logging();
     // The commands that need no runtime: `ssh` becomes ssh, `relay` is plain blocking copies.
     let command = match cli.command {
@@ -65,7 +100,11 @@ fn main() -> ExitCode {
             Command::Demo(args) => cli::demo::run(args).await,
             Command::Agent(args) => cli::agent::run(args).await,
             // Handled above, before the runtime.
-            Command::Ssh(_) | Command::ConfigSsh(_) | Command::Relay(_) => Ok(()),
+            Command::Ssh(_)
+            | Command::ConfigSsh(_)
+            | Command::Relay(_)
+            | Command::Completions(_)
+            | Command::Man(_) => Ok(()),
         }
     });
     exit(result)
@@ -77,6 +116,20 @@ fn exit(result: Result<(), cli::CliError>) -> ExitCode {
         Err(err) => {
             eprintln!("immortal: {err}");
             err.exit_code()
+        }
+    }
+}
+
+/// Writes `bytes` to stdout; a reader that went away early (`| head`) is no failure.
+fn print(bytes: &[u8], what: &str) -> ExitCode {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(bytes).and_then(|()| stdout.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("immortal: cannot write {what}: {err}");
+            ExitCode::FAILURE
         }
     }
 }

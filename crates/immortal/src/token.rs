@@ -5,6 +5,10 @@
 //! get the text another way) and present it as `Authorization: Bearer <hex>`. The agent compares
 //! what it is given in constant time ([`Token::verify`]). This module owns the token's text form
 //! and its file; it knows nothing of HTTP.
+//!
+//! The file is handled as ssh handles a private key: [`Token::load`] refuses one that its group
+//! or others may read or write, anything that is not a regular file (a FIFO would hang the
+//! reader, `/dev/zero` would never end), and reads at most [`MAX_TOKEN_FILE`] bytes.
 
 use std::fmt;
 use std::io::{self, Write};
@@ -15,6 +19,10 @@ use subtle::ConstantTimeEq;
 
 /// How many random bytes a token holds: 256 bits, beyond any guessing.
 pub const TOKEN_LEN: usize = 32;
+
+/// The largest token file read: a token and its newline are 65 bytes; whitespace around it is
+/// allowed up to this.
+pub const MAX_TOKEN_FILE: u64 = 4096;
 
 /// A bearer token: 32 random bytes. Its text form is 64 lowercase hex digits.
 ///
@@ -54,6 +62,34 @@ pub enum TokenError {
         path: PathBuf,
         /// What is wrong with its contents.
         source: ParseTokenError,
+    },
+    /// Its group or others may read or write the file: the token may be known to others. Make
+    /// it private (`chmod 600`), or generate a new one if it may have leaked.
+    #[error(
+        "the token file {} is accessible by others (mode {mode:03o}): run `chmod 600 {}`, and \
+         delete it to have a new token generated if others may have read it",
+        path.display(),
+        path.display()
+    )]
+    Permissions {
+        /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// The path names something other than a regular file (a FIFO, a device, a directory).
+    #[error("the token file {} is not a regular file ({kind})", path.display())]
+    NotAFile {
+        /// The path.
+        path: PathBuf,
+        /// What it is instead.
+        kind: &'static str,
+    },
+    /// The file is larger than [`MAX_TOKEN_FILE`] bytes: whatever it is, it is not a token file.
+    #[error("the token file {} is larger than {MAX_TOKEN_FILE} bytes: not a token file", path.display())]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
     },
     /// Reading or writing the file (or creating its directory) failed.
     #[error("token file {}: {source}", path.display())]
@@ -121,27 +157,53 @@ impl Token {
     }
 
     /// Reads the token in the file at `path` (surrounding whitespace ignored).
+    ///
+    /// # Errors
+    /// [`TokenError::Missing`] when there is no file; [`TokenError::NotAFile`],
+    /// [`TokenError::Permissions`] (group or others may read or write it),
+    /// [`TokenError::TooLarge`], [`TokenError::Malformed`], [`TokenError::Io`].
     pub fn load(path: &Path) -> Result<Token, TokenError> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(text) => text,
-            Err(err) if err.kind() == io::ErrorKind::NotFound => {
-                return Err(TokenError::Missing {
-                    path: path.to_owned(),
-                })
-            }
-            Err(err) if err.kind() == io::ErrorKind::InvalidData => {
-                return Err(TokenError::Malformed {
-                    path: path.to_owned(),
-                    source: ParseTokenError::NotHex,
-                })
-            }
-            Err(source) => {
-                return Err(TokenError::Io {
-                    path: path.to_owned(),
-                    source,
-                })
-            }
+        let io_error = |source: io::Error| match source.kind() {
+            io::ErrorKind::NotFound => TokenError::Missing {
+                path: path.to_owned(),
+            },
+            _ => TokenError::Io {
+                path: path.to_owned(),
+                source,
+            },
         };
+        let file = open_nonblocking(path).map_err(io_error)?;
+        // Checked on the open file, so what is read is what was checked.
+        let metadata = file.metadata().map_err(io_error)?;
+        if let Some(kind) = not_a_file(&metadata) {
+            return Err(TokenError::NotAFile {
+                path: path.to_owned(),
+                kind,
+            });
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = metadata.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                return Err(TokenError::Permissions {
+                    path: path.to_owned(),
+                    mode,
+                });
+            }
+        }
+        let mut bytes = Vec::new();
+        io::Read::read_to_end(&mut io::Read::take(file, MAX_TOKEN_FILE + 1), &mut bytes)
+            .map_err(io_error)?;
+        if bytes.len() as u64 > MAX_TOKEN_FILE {
+            return Err(TokenError::TooLarge {
+                path: path.to_owned(),
+            });
+        }
+        let text = String::from_utf8(bytes).map_err(|_| TokenError::Malformed {
+            path: path.to_owned(),
+            source: ParseTokenError::NotHex,
+        })?;
         Token::from_hex(&text).map_err(|source| TokenError::Malformed {
             path: path.to_owned(),
             source,
@@ -193,6 +255,44 @@ impl fmt::Debug for Token {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Token(<secret>)")
     }
+}
+
+/// Opens `path` for reading without blocking on a FIFO that has no writer (the check that it
+/// is a regular file comes after the open).
+fn open_nonblocking(path: &Path) -> io::Result<std::fs::File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(libc::O_NONBLOCK);
+    }
+    options.open(path)
+}
+
+/// What a file that is not a regular file is, in words; `None` for a regular file.
+fn not_a_file(metadata: &std::fs::Metadata) -> Option<&'static str> {
+    let kind = metadata.file_type();
+    if kind.is_file() {
+        return None;
+    }
+    if kind.is_dir() {
+        return Some("a directory");
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if kind.is_fifo() {
+            return Some("a FIFO");
+        }
+        if kind.is_char_device() || kind.is_block_device() {
+            return Some("a device");
+        }
+        if kind.is_socket() {
+            return Some("a socket");
+        }
+    }
+    Some("not a regular file")
 }
 
 /// Creates `dir` and its parents; the directories created are private to the user.
@@ -313,11 +413,83 @@ mod tests {
         assert_eq!(names, vec![std::ffi::OsString::from("token")]);
     }
 
+    #[cfg(unix)]
+    fn write_with_mode(path: &Path, text: &str, mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(path, text).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_token_file_others_can_read_or_write_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        let token = Token::generate();
+        for mode in [0o644, 0o640, 0o602, 0o660] {
+            write_with_mode(&path, &token.to_hex(), mode);
+            let err = Token::load(&path).unwrap_err();
+            assert!(
+                matches!(err, TokenError::Permissions { mode: m, .. } if m == mode),
+                "{mode:o}: {err}"
+            );
+            assert!(err.to_string().contains("chmod 600"), "{err}");
+        }
+        for mode in [0o600, 0o400] {
+            write_with_mode(&path, &token.to_hex(), mode);
+            assert_eq!(Token::load(&path).unwrap(), token, "{mode:o}");
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn what_is_not_a_regular_file_is_refused_without_reading_it() {
+        let dir = tempfile::tempdir().unwrap();
+        // A symbolic link to /dev/zero: read, it would never end.
+        let zero = dir.path().join("zero");
+        std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+        assert!(matches!(
+            Token::load(&zero),
+            Err(TokenError::NotAFile {
+                kind: "a device",
+                ..
+            })
+        ));
+        // A FIFO with no writer: opened normally, it would block forever.
+        let fifo = dir.path().join("fifo");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        if made.map(|status| status.success()).unwrap_or(false) {
+            assert!(matches!(
+                Token::load(&fifo),
+                Err(TokenError::NotAFile { kind: "a FIFO", .. })
+            ));
+        }
+        assert!(matches!(
+            Token::load(dir.path()),
+            Err(TokenError::NotAFile { .. })
+        ));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_huge_token_file_is_refused_after_reading_its_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        let text = format!("{}{}", Token::generate().to_hex(), " ".repeat(1 << 20));
+        write_with_mode(&path, &text, 0o600);
+        assert!(matches!(
+            Token::load(&path),
+            Err(TokenError::TooLarge { .. })
+        ));
+    }
+
     #[test]
     fn malformed_file_is_a_typed_error() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("token");
         std::fs::write(&path, "hello\n").unwrap();
+        #[cfg(unix)]
+        write_with_mode(&path, "hello\n", 0o600);
         assert!(matches!(
             Token::load(&path),
             Err(TokenError::Malformed { .. })

@@ -16,7 +16,9 @@ use backedpipe::{
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use immortal::api::{ErrorBody, ErrorCode, StreamInfo, StreamList, UPGRADE_PROTOCOL};
+use immortal::api::{
+    ErrorBody, ErrorCode, StreamInfo, StreamList, ATTACH_KEY_HEADER, UPGRADE_PROTOCOL,
+};
 use immortal::server::{Agent, AgentConfig, RemovalReason, StreamEvent};
 use immortal::token::Token;
 use immortal::ws_io::WsIo;
@@ -246,13 +248,19 @@ impl Harness {
     }
 
     /// A connector that upgrades a fresh connection to the stream, through `link`.
-    fn connector(&self, id: &str, carrier: Carrier, link: Link) -> impl Connector {
+    fn connector(&self, stream: &StreamInfo, carrier: Carrier, link: Link) -> impl Connector {
         let dialer = self.dialer();
         let token = self.token.to_hex();
-        let id = id.to_owned();
+        let id = stream.id.clone();
+        let key = stream.attach_key.clone().unwrap_or_default();
         connector_fn(move || {
-            let (dialer, token, id, link) =
-                (dialer.clone(), token.clone(), id.clone(), link.clone());
+            let (dialer, token, id, key, link) = (
+                dialer.clone(),
+                token.clone(),
+                id.clone(),
+                key.clone(),
+                link.clone(),
+            );
             async move {
                 if link.offline.load(Ordering::SeqCst) {
                     return Err(std::io::Error::other("offline"));
@@ -260,9 +268,11 @@ impl Harness {
                 link.attempts.fetch_add(1, Ordering::SeqCst);
                 let io = dialer.dial().await?;
                 let io: BoxIo = match carrier {
-                    Carrier::Raw => Box::new(upgrade_raw_over(io, dialer.addr, &token, &id).await?),
+                    Carrier::Raw => {
+                        Box::new(upgrade_raw_over(io, dialer.addr, &token, &id, &key).await?)
+                    }
                     Carrier::WebSocket => {
-                        Box::new(upgrade_websocket(io, dialer.addr, &token, &id).await?)
+                        Box::new(upgrade_websocket(io, dialer.addr, &token, &id, &key).await?)
                     }
                 };
                 Ok(link.wrap(io))
@@ -270,12 +280,12 @@ impl Harness {
         })
     }
 
-    async fn attach(&self, id: &str, carrier: Carrier) -> (Session, Link) {
+    async fn attach(&self, stream: &StreamInfo, carrier: Carrier) -> (Session, Link) {
         let link = Link::default();
         let session = guarded(
             "a new session",
             Session::connect(
-                self.connector(id, carrier, link.clone()),
+                self.connector(stream, carrier, link.clone()),
                 SessionOptions::default(),
             ),
         )
@@ -321,10 +331,16 @@ impl Link {
     }
 }
 
-/// Opens a TCP connection and upgrades it to the raw session protocol.
-async fn upgrade_raw(addr: SocketAddr, token: &str, id: &str) -> std::io::Result<TcpStream> {
+/// Opens a TCP connection and upgrades it to the raw session protocol, presenting `key` as
+/// the attach key.
+async fn upgrade_raw(
+    addr: SocketAddr,
+    token: &str,
+    id: &str,
+    key: &str,
+) -> std::io::Result<TcpStream> {
     let tcp = TcpStream::connect(addr).await?;
-    upgrade_raw_over(tcp, addr, token, id).await
+    upgrade_raw_over(tcp, addr, token, id, key).await
 }
 
 /// Upgrades a connection to the raw session protocol.
@@ -333,10 +349,11 @@ async fn upgrade_raw_over<I: AsyncRead + AsyncWrite + Unpin>(
     addr: SocketAddr,
     token: &str,
     id: &str,
+    key: &str,
 ) -> std::io::Result<I> {
     let request = format!(
         "GET /v1/streams/{id}/connect HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
-         Connection: Upgrade\r\nUpgrade: {UPGRADE_PROTOCOL}\r\n\r\n"
+         {ATTACH_KEY_HEADER}: {key}\r\nConnection: Upgrade\r\nUpgrade: {UPGRADE_PROTOCOL}\r\n\r\n"
     );
     tcp.write_all(request.as_bytes()).await?;
     // Read the head byte by byte, so nothing after it is consumed.
@@ -361,6 +378,7 @@ async fn upgrade_websocket(
     addr: SocketAddr,
     token: &str,
     id: &str,
+    key: &str,
 ) -> std::io::Result<WsIo<BoxIo>> {
     let mut request = format!("ws://{addr}/v1/streams/{id}/connect")
         .into_client_request()
@@ -368,6 +386,9 @@ async fn upgrade_websocket(
     request
         .headers_mut()
         .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+        .headers_mut()
+        .insert(ATTACH_KEY_HEADER, key.parse().unwrap());
     let (ws, _response) = tokio_tungstenite::client_async(request, tcp)
         .await
         .map_err(std::io::Error::other)?;
@@ -475,7 +496,11 @@ async fn create_list_get_delete() {
         .call("GET", &format!("/v1/streams/{}", created.id), None)
         .await;
     assert_eq!(one.status, 200);
-    assert_eq!(one.json::<StreamInfo>(), created);
+    let listed_form = StreamInfo {
+        attach_key: None,
+        ..created.clone()
+    };
+    assert_eq!(one.json::<StreamInfo>(), listed_form);
 
     let deleted = agent
         .call("DELETE", &format!("/v1/streams/{}", created.id), None)
@@ -500,6 +525,10 @@ async fn create_list_get_delete() {
         .call("DELETE", &format!("/v1/streams/{}", created.id), None)
         .await;
     assert_eq!(again.status, 404);
+    let named = StreamInfo {
+        attach_key: None,
+        ..named
+    };
     assert_eq!(agent.list().await, vec![named]);
 }
 
@@ -537,11 +566,17 @@ async fn a_missing_or_wrong_token_is_refused_and_changes_nothing() {
             .await;
         assert_eq!(connect.status, 401);
     }
-    assert_eq!(agent.list().await, vec![stream], "nothing was deleted");
+    let listed_form = StreamInfo {
+        attach_key: None,
+        ..stream
+    };
+    assert_eq!(agent.list().await, vec![listed_form], "nothing was deleted");
     // An upgrade with a wrong token is refused too.
-    assert!(upgrade_raw(agent.addr, &wrong, &agent.list().await[0].id)
-        .await
-        .is_err());
+    assert!(
+        upgrade_raw(agent.addr, &wrong, &agent.list().await[0].id, "")
+            .await
+            .is_err()
+    );
 }
 
 #[tokio::test]
@@ -587,7 +622,7 @@ async fn a_service_listening_on_ipv6_loopback_only_is_reached() {
         .await
         .unwrap();
     assert!(peer.ip().is_loopback() && peer.is_ipv6(), "{peer}");
-    let (session, _link) = agent.attach(&stream.id, Carrier::Raw).await;
+    let (session, _link) = agent.attach(&stream, Carrier::Raw).await;
     session.write(b"over ::1").await.unwrap();
     let mut got = [0u8; 8];
     guarded("the service to read", local.read_exact(&mut got))
@@ -638,7 +673,7 @@ async fn an_unknown_id_is_404() {
         assert_eq!(answer.status, 404, "{method} {path}");
         assert_eq!(answer.error_code(), ErrorCode::StreamNotFound);
     }
-    let upgrade = upgrade_raw(agent.addr, &agent.token.to_hex(), id).await;
+    let upgrade = upgrade_raw(agent.addr, &agent.token.to_hex(), id, "").await;
     assert!(upgrade.unwrap_err().to_string().contains("404"));
 }
 
@@ -647,15 +682,22 @@ async fn when_full_the_oldest_disconnected_is_evicted_and_all_connected_is_503()
     let mut agent = start(|config| config.max_streams = 2).await;
     let port = echo_service().await;
     let first = agent.create(port).await;
+    // Attached once, then gone: evictable (a stream never attached is not, for a while).
+    let (session, link) = agent.attach(&first, Carrier::Raw).await;
+    agent.connected(&first.id).await;
+    link.offline.store(true, Ordering::SeqCst);
+    link.cut();
+    agent.disconnected(&first.id).await;
     let second = agent.create(port).await;
     let third = agent.create(port).await;
+    drop(session);
     assert_eq!(agent.removed(&first.id).await, RemovalReason::Evicted);
     let ids: Vec<String> = agent.list().await.into_iter().map(|s| s.id).collect();
     assert_eq!(ids, vec![second.id.clone(), third.id.clone()]);
 
     // With a client on each, nothing can be evicted.
-    let (a, _) = agent.attach(&second.id, Carrier::Raw).await;
-    let (b, _) = agent.attach(&third.id, Carrier::Raw).await;
+    let (a, _) = agent.attach(&second, Carrier::Raw).await;
+    let (b, _) = agent.attach(&third, Carrier::Raw).await;
     assert_eq!(echo_through(&a, b"ping").await, b"ping");
     assert_eq!(echo_through(&b, b"pong").await, b"pong");
     let full = agent
@@ -673,7 +715,7 @@ async fn a_raw_upgrade_carries_both_ways_and_the_service_close_ends_the_stream()
     let (port, mut accepted) = service().await;
     let stream = agent.create(port).await;
     let mut local = guarded("the agent's dial", accepted.recv()).await.unwrap();
-    let (session, _link) = agent.attach(&stream.id, Carrier::Raw).await;
+    let (session, _link) = agent.attach(&stream, Carrier::Raw).await;
     agent.connected(&stream.id).await;
 
     // Client to service.
@@ -719,7 +761,7 @@ async fn a_websocket_upgrade_carries_messages_larger_than_the_read_buffer() {
     let agent = start(|_| {}).await;
     let port = echo_service().await;
     let stream = agent.create(port).await;
-    let (session, _link) = agent.attach(&stream.id, Carrier::WebSocket).await;
+    let (session, _link) = agent.attach(&stream, Carrier::WebSocket).await;
     // Every WebSocket message (64 KiB) is larger than the session's frame-header reads, and a
     // frame spans messages: only reads that keep a message's remainder get this back intact.
     let data = pattern(2 * 1024 * 1024, 3);
@@ -733,7 +775,7 @@ async fn a_resume_after_cuts_continues_the_stream_exactly_once() {
         let mut agent = start(|_| {}).await;
         let port = echo_service().await;
         let stream = agent.create(port).await;
-        let (session, link) = agent.attach(&stream.id, carrier).await;
+        let (session, link) = agent.attach(&stream, carrier).await;
         agent.connected(&stream.id).await;
         // Cut the connection three times in the middle of a transfer both ways.
         let data = pattern(1024 * 1024, 1);
@@ -801,7 +843,7 @@ async fn a_stream_disconnected_beyond_the_ttl_expires() {
     let mut agent = start(|config| config.ttl = Duration::from_millis(300)).await;
     let port = echo_service().await;
     let stream = agent.create(port).await;
-    let (session, link) = agent.attach(&stream.id, Carrier::Raw).await;
+    let (session, link) = agent.attach(&stream, Carrier::Raw).await;
     agent.connected(&stream.id).await;
     assert_eq!(echo_through(&session, b"before").await, b"before");
     link.offline.store(true, Ordering::SeqCst);
@@ -810,7 +852,13 @@ async fn a_stream_disconnected_beyond_the_ttl_expires() {
     assert_eq!(agent.removed(&stream.id).await, RemovalReason::Expired);
     assert!(agent.list().await.is_empty());
     // A client coming back finds the stream gone: its resume is refused with 404.
-    let resume = upgrade_raw(agent.addr, &agent.token.to_hex(), &stream.id).await;
+    let resume = upgrade_raw(
+        agent.addr,
+        &agent.token.to_hex(),
+        &stream.id,
+        stream.attach_key.as_deref().unwrap(),
+    )
+    .await;
     assert!(resume.unwrap_err().to_string().contains("404"));
     drop(session);
 }
@@ -837,12 +885,12 @@ async fn a_second_new_session_is_refused_and_the_live_one_keeps_working() {
     let agent = start(|_| {}).await;
     let port = echo_service().await;
     let stream = agent.create(port).await;
-    let (live, _link) = agent.attach(&stream.id, Carrier::Raw).await;
+    let (live, _link) = agent.attach(&stream, Carrier::Raw).await;
     assert_eq!(echo_through(&live, b"one").await, b"one");
     let second = guarded(
         "the second handshake",
         Session::connect(
-            agent.connector(&stream.id, Carrier::Raw, Link::default()),
+            agent.connector(&stream, Carrier::Raw, Link::default()),
             SessionOptions::default(),
         ),
     )
@@ -861,7 +909,7 @@ async fn deleting_an_attached_stream_closes_the_client_session() {
     let mut agent = start(|_| {}).await;
     let port = echo_service().await;
     let stream = agent.create(port).await;
-    let (session, _link) = agent.attach(&stream.id, Carrier::Raw).await;
+    let (session, _link) = agent.attach(&stream, Carrier::Raw).await;
     assert_eq!(echo_through(&session, b"x").await, b"x");
     let deleted = agent
         .call("DELETE", &format!("/v1/streams/{}", stream.id), None)
@@ -898,7 +946,7 @@ async fn stopping_the_agent_closes_every_stream_then_returns() {
     let port = echo_service().await;
     let attached = view.create(port).await;
     let _idle = view.create(port).await;
-    let (session, _link) = view.attach(&attached.id, Carrier::Raw).await;
+    let (session, _link) = view.attach(&attached, Carrier::Raw).await;
     assert_eq!(echo_through(&session, b"x").await, b"x");
 
     stop.send(()).unwrap();
@@ -927,7 +975,7 @@ async fn over_tls_the_api_and_both_upgrades_work() {
     let port = echo_service().await;
     for carrier in [Carrier::Raw, Carrier::WebSocket] {
         let stream = agent.create(port).await;
-        let (session, _link) = agent.attach(&stream.id, carrier).await;
+        let (session, _link) = agent.attach(&stream, carrier).await;
         let data = pattern(200 * 1024, 9);
         assert!(echo_through(&session, &data).await == data, "{carrier:?}");
         session.close().await.unwrap();
@@ -941,4 +989,236 @@ async fn over_tls_the_api_and_both_upgrades_work() {
     let mut answer = Vec::new();
     let _ = guarded("the agent to hang up", plain.read_to_end(&mut answer)).await;
     assert!(!String::from_utf8_lossy(&answer).contains("HTTP/1.1 200"));
+}
+
+#[tokio::test]
+async fn a_stream_not_yet_attached_is_never_evicted_and_a_full_agent_says_so() {
+    let mut agent = start(|config| config.max_streams = 1).await;
+    let port = echo_service().await;
+    let first = agent.create(port).await;
+    // Its creator has not attached yet: the next create must not take its place.
+    let second = agent
+        .call("POST", "/v1/streams", Some(json!({ "port": port })))
+        .await;
+    assert_eq!(second.status, 503);
+    assert_eq!(second.error_code(), ErrorCode::TooManyStreams);
+    let message = second.json::<ErrorBody>().error.message;
+    assert!(
+        message.contains("agent full (--max-streams 1)"),
+        "{message}"
+    );
+    // ... and the creator attaches as it meant to.
+    let (session, _link) = agent.attach(&first, Carrier::Raw).await;
+    agent.connected(&first.id).await;
+    assert_eq!(echo_through(&session, b"mine").await, b"mine");
+}
+
+#[tokio::test]
+async fn only_the_creator_can_attach() {
+    let mut agent = start(|_| {}).await;
+    let port = echo_service().await;
+    let stream = agent.create(port).await;
+    let key = stream
+        .attach_key
+        .clone()
+        .expect("the create answer carries the attach key");
+    assert!(
+        agent.list().await[0].attach_key.is_none(),
+        "listings never show the attach key"
+    );
+    let token = agent.token.to_hex();
+    // Another holder of the token, without the key or with a wrong one, is refused: 403.
+    for wrong in ["", "0123456789abcdef0123456789abcdef"] {
+        let refused = upgrade_raw(agent.addr, &token, &stream.id, wrong).await;
+        let refused = refused.unwrap_err().to_string();
+        assert!(refused.contains("403"), "{refused}");
+    }
+    let metrics = agent.call("GET", "/metrics", None).await;
+    let text = String::from_utf8_lossy(&metrics.body).into_owned();
+    assert!(
+        text.contains("immortal_refused_handshakes_total 2\n"),
+        "{text}"
+    );
+    // The creator attaches.
+    assert!(upgrade_raw(agent.addr, &token, &stream.id, &key)
+        .await
+        .is_ok());
+    let (session, _link) = agent.attach(&stream, Carrier::Raw).await;
+    drop(session);
+    let _ = agent.removed(&stream.id).await;
+}
+
+#[tokio::test]
+async fn a_body_over_the_limit_is_413_before_it_is_all_sent() {
+    let agent = start(|config| config.handshake_timeout = Duration::from_secs(60)).await;
+    let token = agent.token.to_hex();
+    // Announced too large: refused on the head, nothing of the body read.
+    let mut tcp = TcpStream::connect(agent.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/streams HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+         Content-Length: 1000000\r\n\r\n"
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let answer = guarded("the 413", read_answer(&mut tcp)).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    // Chunked, with no length announced: refused once past the limit.
+    let mut tcp = TcpStream::connect(agent.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/streams HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+         Transfer-Encoding: chunked\r\n\r\n"
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let chunk = format!("1000\r\n{}\r\n", " ".repeat(0x1000));
+    tcp.write_all(chunk.as_bytes()).await.unwrap();
+    tcp.write_all(chunk.as_bytes()).await.unwrap();
+    let answer = guarded("the 413", read_answer(&mut tcp)).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("payload_too_large"), "{answer}");
+}
+
+#[tokio::test]
+async fn a_body_that_trickles_in_is_cut_off_at_the_time_limit() {
+    let agent = start(|config| config.handshake_timeout = Duration::from_millis(500)).await;
+    let token = agent.token.to_hex();
+    let mut tcp = TcpStream::connect(agent.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/streams HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+         Content-Length: 100\r\n\r\n{{"
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    // The rest never comes: the agent answers 408 and closes.
+    let answer = guarded("the 408", read_answer(&mut tcp)).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request_timeout"), "{answer}");
+}
+
+#[tokio::test]
+async fn at_the_connection_cap_strangers_give_way_to_clients() {
+    let agent = start(|config| {
+        config.max_connections = 3;
+        config.handshake_timeout = Duration::from_secs(60);
+    })
+    .await;
+    // Three connections that say nothing fill the agent.
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(TcpStream::connect(agent.addr).await.unwrap());
+    }
+    // A client with the token still gets in: the oldest stranger is closed for it.
+    assert!(guarded("a listing", agent.list()).await.is_empty());
+    let mut oldest = idle.remove(0);
+    let mut byte = [0u8; 1];
+    let read = guarded(
+        "the oldest idle connection to close",
+        oldest.read(&mut byte),
+    )
+    .await;
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    let metrics = agent.call("GET", "/metrics", None).await;
+    let text = String::from_utf8_lossy(&metrics.body).into_owned();
+    assert!(text.contains("immortal_connections_shed_total"), "{text}");
+}
+
+#[tokio::test]
+async fn healthz_needs_no_token_and_metrics_count_what_happened() {
+    let mut agent = start(|_| {}).await;
+    let health = agent.call_as(None, "GET", "/healthz", None).await;
+    assert_eq!((health.status, &health.body[..]), (200, &b"ok\n"[..]));
+    let metrics = agent.call_as(None, "GET", "/metrics", None).await;
+    assert_eq!(metrics.status, 401, "metrics need the token");
+
+    let port = echo_service().await;
+    let stream = agent.create(port).await;
+    let (session, link) = agent.attach(&stream, Carrier::Raw).await;
+    agent.connected(&stream.id).await;
+    assert_eq!(echo_through(&session, b"hello").await, b"hello");
+    link.cut();
+    agent.disconnected(&stream.id).await;
+    agent.connected(&stream.id).await;
+    let metrics = agent.call("GET", "/metrics", None).await;
+    assert_eq!(metrics.status, 200);
+    let text = String::from_utf8_lossy(&metrics.body).into_owned();
+    for line in [
+        "immortal_streams 1\n",
+        "immortal_streams_connected 1\n",
+        "immortal_resumes_total 1\n",
+        "immortal_bytes_to_services_total 5\n",
+        "immortal_bytes_from_services_total 5\n",
+    ] {
+        assert!(text.contains(line), "{line:?} not in {text}");
+    }
+}
+
+#[tokio::test]
+async fn a_first_frame_announcing_more_than_a_hello_is_refused_at_its_header() {
+    let agent = start(|config| config.handshake_timeout = Duration::from_secs(60)).await;
+    let port = echo_service().await;
+    let stream = agent.create(port).await;
+    let key = stream.attach_key.clone().unwrap();
+    let mut tcp = upgrade_raw(agent.addr, &agent.token.to_hex(), &stream.id, &key)
+        .await
+        .unwrap();
+    // A DATA header announcing 1 MiB, and nothing more: the agent answers CLOSE at once.
+    tcp.write_all(&[0x01, 0x00, 0x10, 0x00, 0x00])
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    guarded("the CLOSE", tcp.read_to_end(&mut answer))
+        .await
+        .unwrap();
+    let (frame, _) = backedpipe::proto::Frame::decode(&answer).unwrap().unwrap();
+    assert!(
+        matches!(frame, backedpipe::proto::Frame::Close(_)),
+        "{frame:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_websocket_peer_that_pings_and_never_reads_is_dropped() {
+    let agent = start(|config| config.handshake_timeout = Duration::from_secs(1)).await;
+    let port = echo_service().await;
+    let stream = agent.create(port).await;
+    let mut tcp = TcpStream::connect(agent.addr).await.unwrap();
+    let head = format!(
+        "GET /v1/streams/{}/connect HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+         {ATTACH_KEY_HEADER}: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        stream.id,
+        agent.token.to_hex(),
+        stream.attach_key.as_deref().unwrap()
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(tcp.read_u8().await.unwrap());
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"));
+    // Masked pings with 125-byte payloads, sent before any HELLO, and nothing ever read. The
+    // agent's pongs fill its write buffer up to the cap (later ones replace each other), the
+    // handshake timeout passes, and the refusal, which cannot be sent, gives up in time: the
+    // connection is dropped. Before, the pongs grew without bound and the refusal blocked
+    // forever.
+    let mut ping = vec![0x89, 0x80 | 125, 0, 0, 0, 0];
+    ping.extend_from_slice(&[0u8; 125]);
+    let batch: Vec<u8> = ping
+        .iter()
+        .copied()
+        .cycle()
+        .take(ping.len() * 512)
+        .collect();
+    let mut sent = 0usize;
+    let flood = async {
+        while tcp.write_all(&batch).await.is_ok() {
+            sent += batch.len();
+        }
+    };
+    guarded("the agent to drop the flooding peer", flood).await;
+    assert!(sent > 0);
+}
+
+/// Reads an HTTP answer until the agent closes the connection.
+async fn read_answer(tcp: &mut TcpStream) -> String {
+    let mut answer = Vec::new();
+    let _ = tcp.read_to_end(&mut answer).await;
+    String::from_utf8_lossy(&answer).into_owned()
 }

@@ -357,9 +357,103 @@ fn ls_rm_and_json_manage_streams() {
 
     let again = serve.run(&["rm", &created.id]);
     assert_eq!(again.status.code(), Some(4));
-    assert!(stderr(&again).contains(&format!("no stream {}", created.id)));
+    assert!(stderr(&again).contains(&created.id), "{}", stderr(&again));
     let unknown = serve.run(&["rm", "0123456789abcdef0123456789abcdef"]);
     assert_eq!(unknown.status.code(), Some(4));
+}
+
+#[test]
+fn rm_takes_a_unique_id_prefix_and_refuses_an_ambiguous_one() {
+    let serve = Serve::start(&[]);
+    let port = echo_service();
+    let api = serve.api();
+    let rt = runtime();
+    // Streams until two share a first hex digit (at most 17 needed).
+    let mut ids: Vec<String> = Vec::new();
+    let (a, b) = loop {
+        let id = rt.block_on(api.create_stream(port, None)).unwrap().id;
+        if let Some(twin) = ids.iter().find(|other| other[..1] == id[..1]) {
+            break (twin.clone(), id);
+        }
+        ids.push(id);
+    };
+    let ambiguous = serve.run(&["rm", &a[..1]]);
+    assert_eq!(ambiguous.status.code(), Some(1), "{}", stderr(&ambiguous));
+    assert!(
+        stderr(&ambiguous).contains("ambiguous"),
+        "{}",
+        stderr(&ambiguous)
+    );
+    // A prefix long enough to be unique (ids are random: 12 digits never collide here).
+    let removed = serve.run(&["rm", &b[..12]]);
+    assert_eq!(removed.status.code(), Some(0), "{}", stderr(&removed));
+    assert!(stdout(&removed).contains(&b));
+    let left: Vec<String> = serve.streams().streams.into_iter().map(|s| s.id).collect();
+    assert!(!left.contains(&b) && left.contains(&a));
+}
+
+#[test]
+fn completions_and_the_man_page_are_printed() {
+    for shell in ["bash", "zsh", "fish"] {
+        let mut command = Command::new(binary());
+        command.args(["completions", shell]);
+        let output = output_of(command);
+        assert_eq!(output.status.code(), Some(0), "{shell}");
+        assert!(stdout(&output).contains("immortal"), "{shell}");
+        assert!(stdout(&output).contains("forward"), "{shell}");
+    }
+    let mut command = Command::new(binary());
+    command.arg("man");
+    let output = output_of(command);
+    assert_eq!(output.status.code(), Some(0));
+    let page = stdout(&output);
+    assert!(page.contains(".TH immortal 1"), "{page}");
+    assert!(page.contains("serve"), "{page}");
+}
+
+#[test]
+fn a_token_file_others_can_read_is_refused_by_clients_too() {
+    let serve = Serve::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let loose = dir.path().join("token");
+    std::fs::write(&loose, serve.token().to_hex()).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let mut ls = Command::new(binary());
+    ls.args(["ls", "--server", &serve.addr.to_string(), "--token-file"])
+        .arg(&loose)
+        .env_remove("IMMORTAL_TOKEN");
+    let output = output_of(ls);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(stderr(&output).contains("chmod 600"), "{}", stderr(&output));
+}
+
+#[test]
+fn an_explicit_token_file_beats_the_environment() {
+    let serve = Serve::start(&[]);
+    let mut ls = serve.immortal(&["ls"]);
+    // A wrong token in the environment: the --token-file given wins.
+    ls.env("IMMORTAL_TOKEN", Token::generate().to_hex());
+    let output = output_of(ls);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+}
+
+#[test]
+fn a_client_with_no_token_is_told_where_the_token_comes_from() {
+    let home = tempfile::tempdir().unwrap();
+    let mut ls = Command::new(binary());
+    ls.args(["ls"])
+        .env_remove("IMMORTAL_TOKEN")
+        .env("HOME", home.path())
+        .env("XDG_CONFIG_HOME", home.path().join("config"));
+    let output = output_of(ls);
+    assert_eq!(output.status.code(), Some(1));
+    let message = stderr(&output);
+    assert!(message.contains("no token for the agent"), "{message}");
+    assert!(!message.contains("immortal serve"), "{message}");
 }
 
 #[test]
@@ -416,7 +510,15 @@ fn bad_arguments_exit_2() {
         &["connect", "--stdio", "not-a-port"],
         &["forward", "127.0.0.1:8080"],
         &["demo", "--mib", "0"],
-        &["ls", "--heartbeat", "1ms"],
+        &["connect", "--stdio", "--heartbeat", "1ms", "22"],
+        // Once accepted; the first session then panicked a worker thread.
+        &["connect", "--stdio", "--heartbeat", "200000000000y", "22"],
+        &["serve", "--ttl", "200000000000y"],
+        // Options only where they do something.
+        &["ls", "--heartbeat", "5s"],
+        &["ls", "--websocket"],
+        &["rm", "--websocket", "abc"],
+        &["completions", "no-such-shell"],
         &["no-such-command"],
     ] {
         let mut command = Command::new(binary());
@@ -741,4 +843,26 @@ fn connect_exits_0_when_the_service_closes_even_with_stdin_still_open() {
     // stdin stays open: the service's end alone must end the process.
     let (code, rest) = connected.finish(false);
     assert_eq!(code, Some(0), "{rest}");
+}
+
+#[cfg(unix)]
+#[test]
+fn sighup_from_ssh_ends_connect_silently_and_logs_carry_no_colour() {
+    let serve = Serve::start(&[]);
+    let port = echo_service().to_string();
+    let mut command = serve.immortal(&["connect", "--stdio", &port]);
+    // Logs on (stderr is a pipe, as when ssh or a log file takes it): no colour codes.
+    command.env_remove("NO_COLOR").env("RUST_LOG", "debug");
+    let mut connected = Connected::spawn(command);
+    connected.round_trip("hello\n");
+    // ssh ends its ProxyCommand with SIGHUP when the session is over.
+    let sent = Command::new("kill")
+        .args(["-HUP", &connected.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let (code, stderr) = connected.finish(false);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(!stderr.contains("SIGHUP"), "{stderr}");
+    assert!(!stderr.contains('\u{1b}'), "colour codes in {stderr:?}");
 }

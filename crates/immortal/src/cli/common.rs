@@ -15,12 +15,14 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::CliError;
+use crate::api::StreamInfo;
 use crate::client::{
     ApiClient, Carrier, ClientError, GoneSignal, ServerAddr, StreamConnector, TlsTrust,
 };
-use crate::token::Token;
+use crate::token::{Token, TokenError};
 
-/// The environment variable that holds the token's text; it takes precedence over files.
+/// The environment variable that holds the token's text; `--token-file` beats it, and it
+/// beats the default file.
 pub const TOKEN_ENV: &str = "IMMORTAL_TOKEN";
 
 /// The heartbeat interval when `--heartbeat` is not given.
@@ -29,14 +31,18 @@ pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
 /// The shortest heartbeat interval accepted: below it, probes would cost more than they save.
 const MIN_HEARTBEAT: Duration = Duration::from_millis(100);
 
+/// The longest heartbeat interval accepted.
+const MAX_HEARTBEAT: Duration = Duration::from_secs(60 * 60);
+
 /// Where the agent is and how to talk to it.
 #[derive(Debug, Clone, Args)]
 pub struct ClientArgs {
-    /// The agent, as HOST:PORT.
+    /// The agent, as HOST or HOST:PORT (port 7400 when not given; an IPv6 address in
+    /// brackets).
     #[arg(long, env = "IMMORTAL_SERVER", default_value = "127.0.0.1:7400")]
     pub server: String,
-    /// File holding the agent's token (default: the file `immortal serve` generates). The
-    /// IMMORTAL_TOKEN environment variable, when set, takes precedence.
+    /// File holding the agent's token (default: IMMORTAL_TOKEN if set, else the file
+    /// `immortal serve` generates, ~/.config/immortal/token). Given, it beats IMMORTAL_TOKEN.
     #[arg(long, value_name = "PATH")]
     pub token_file: Option<PathBuf>,
     /// Use TLS, trusting the CA certificates in this PEM file.
@@ -45,21 +51,27 @@ pub struct ClientArgs {
     /// Use TLS, trusting exactly the certificate in this PEM file (for a self-signed agent).
     #[arg(long, value_name = "PATH")]
     pub tls_pin: Option<PathBuf>,
+}
+
+/// How a stream's connections travel and are watched: for the subcommands that carry streams.
+#[derive(Debug, Clone, Args)]
+pub struct SessionArgs {
     /// Carry the stream in WebSocket messages instead of a raw HTTP upgrade (for proxies that
     /// only pass WebSocket).
     #[arg(long)]
     pub websocket: bool,
-    /// How often an idle connection is probed (e.g. 5s, 500ms); a connection silent for two
-    /// probes and a second is replaced. Shorter notices a dead network sooner.
+    /// How often an idle connection is probed (e.g. 5s, 500ms; at most 1h); a connection
+    /// silent for two probes and a second is replaced. Shorter notices a dead network sooner.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_heartbeat)]
     pub heartbeat: Duration,
 }
 
 impl ClientArgs {
-    /// The token: `IMMORTAL_TOKEN` if set, else the `--token-file`, else the default file.
+    /// The token: the `--token-file` if given, else `IMMORTAL_TOKEN` if set, else the default
+    /// file.
     ///
     /// # Errors
-    /// [`CliError::Other`] naming what is missing or malformed.
+    /// [`CliError::Other`] naming what is missing or malformed, and what to do.
     pub fn token(&self) -> Result<Token, CliError> {
         resolve_token(
             std::env::var_os(TOKEN_ENV).as_deref(),
@@ -77,15 +89,6 @@ impl ClientArgs {
         }
     }
 
-    /// How streams travel: raw upgrade or WebSocket.
-    pub fn carrier(&self) -> Carrier {
-        if self.websocket {
-            Carrier::WebSocket
-        } else {
-            Carrier::Upgrade
-        }
-    }
-
     /// A client of the agent, with the token and TLS the options say.
     ///
     /// # Errors
@@ -95,10 +98,21 @@ impl ClientArgs {
         let token = self.token()?;
         Ok(ApiClient::new(server, &token, &self.tls_trust())?)
     }
+}
 
-    /// A connector for stream `id`.
-    pub fn connector(&self, api: &ApiClient, id: &str) -> StreamConnector {
-        StreamConnector::new(api.clone(), id, self.carrier())
+impl SessionArgs {
+    /// How streams travel: raw upgrade or WebSocket.
+    pub fn carrier(&self) -> Carrier {
+        if self.websocket {
+            Carrier::WebSocket
+        } else {
+            Carrier::Upgrade
+        }
+    }
+
+    /// A connector for `stream`, as its creation answered.
+    pub fn connector(&self, api: &ApiClient, stream: &StreamInfo) -> StreamConnector {
+        StreamConnector::new(api.clone(), stream, self.carrier())
     }
 
     /// The session settings: the heartbeat the options say, the library's defaults otherwise.
@@ -119,10 +133,32 @@ pub fn session_options(heartbeat: Duration) -> SessionOptions {
     })
 }
 
-/// Parses `--heartbeat` (client and agent alike): a humantime duration of at least
-/// [`MIN_HEARTBEAT`].
-pub(crate) fn parse_heartbeat(text: &str) -> Result<Duration, String> {
+/// Parses a duration option: a humantime duration (`30s`, `10m`, `24h`) within
+/// [`DURATION_BOUNDS`](crate::server::DURATION_BOUNDS), so that no later arithmetic on it can
+/// overflow.
+pub(crate) fn parse_bounded_duration(text: &str) -> Result<Duration, String> {
     let duration = humantime::parse_duration(text).map_err(|err| err.to_string())?;
+    let (min, max) = crate::server::DURATION_BOUNDS;
+    if duration < min || duration > max {
+        return Err(format!(
+            "{text} is out of range: a duration here is between {} ms and {} days",
+            min.as_millis(),
+            max.as_secs() / 86_400
+        ));
+    }
+    Ok(duration)
+}
+
+/// Parses `--heartbeat` (client and agent alike): a humantime duration of at least
+/// [`MIN_HEARTBEAT`] and at most an hour (a path silent for two of them is declared dead).
+pub(crate) fn parse_heartbeat(text: &str) -> Result<Duration, String> {
+    let duration = parse_bounded_duration(text)?;
+    if duration > MAX_HEARTBEAT {
+        return Err(format!(
+            "a heartbeat longer than {} would leave a dead path unnoticed",
+            humantime::format_duration(MAX_HEARTBEAT)
+        ));
+    }
     if duration < MIN_HEARTBEAT {
         return Err(format!(
             "a heartbeat shorter than {} ms would flood the link",
@@ -132,12 +168,16 @@ pub(crate) fn parse_heartbeat(text: &str) -> Result<Duration, String> {
     Ok(duration)
 }
 
-/// The token from, in order: the environment's text, the given file, the default file.
+/// The token from, in order: the file given on the command line, the environment's text, the
+/// default file.
 fn resolve_token(
     env: Option<&std::ffi::OsStr>,
     file: Option<&Path>,
     default_file: Option<PathBuf>,
 ) -> Result<Token, CliError> {
+    if let Some(path) = file {
+        return Token::load(path).map_err(|err| client_token_error(err, true));
+    }
     if let Some(text) = env {
         let text = text
             .to_str()
@@ -145,16 +185,30 @@ fn resolve_token(
         return Token::from_hex(text)
             .map_err(|err| CliError::Other(format!("{TOKEN_ENV} does not hold a token: {err}")));
     }
-    let path = match file {
-        Some(path) => path.to_path_buf(),
-        None => default_file.ok_or_else(|| {
-            CliError::Other(format!(
-                "no token: this system has no configuration directory; set {TOKEN_ENV} or pass \
-                 --token-file"
-            ))
-        })?,
-    };
-    Token::load(&path).map_err(|err| CliError::Other(err.to_string()))
+    let path = default_file.ok_or_else(|| {
+        CliError::Other(format!(
+            "no token for the agent: this system has no configuration directory; set \
+             {TOKEN_ENV} to the agent's token, or pass --token-file"
+        ))
+    })?;
+    Token::load(&path).map_err(|err| client_token_error(err, false))
+}
+
+/// A token file's failure as a client sees it: a missing file says where the token comes from
+/// (the agent's host), not how to start an agent.
+fn client_token_error(err: TokenError, given: bool) -> CliError {
+    match err {
+        TokenError::Missing { path } if given => {
+            CliError::Other(format!("no token file at {}", path.display()))
+        }
+        TokenError::Missing { path } => CliError::Other(format!(
+            "no token for the agent: {} does not exist. The agent generated its token on its \
+             own host when it first started (in ~/.config/immortal/token there): copy that file \
+             here (mode 600), set {TOKEN_ENV} to its contents, or pass --token-file PATH",
+            path.display()
+        )),
+        other => CliError::Other(other.to_string()),
+    }
 }
 
 impl From<ClientError> for CliError {
@@ -431,27 +485,57 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_environment_wins_over_files() {
+    fn an_explicit_file_beats_the_environment_which_beats_the_default_file() {
         let token = Token::generate();
         let hex = token.to_hex();
-        let from_env = resolve_token(
-            Some(std::ffi::OsStr::new(&hex)),
-            Some(Path::new("missing-file")),
-            None,
-        );
-        assert_eq!(from_env.unwrap().to_hex(), hex);
+        let other = Token::generate().to_hex();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, &hex).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        let env = std::ffi::OsStr::new(&other);
+        // Once the environment won even over an explicit --token-file.
+        let given = resolve_token(Some(env), Some(&file), None);
+        assert_eq!(given.unwrap().to_hex(), hex);
+        let from_env = resolve_token(Some(env), None, Some(file.clone()));
+        assert_eq!(from_env.unwrap().to_hex(), other);
+        let from_default = resolve_token(None, None, Some(file));
+        assert_eq!(from_default.unwrap().to_hex(), hex);
         let bad = resolve_token(Some(std::ffi::OsStr::new("xyz")), None, None);
         assert!(matches!(bad, Err(CliError::Other(m)) if m.contains(TOKEN_ENV)));
-        let missing = resolve_token(None, Some(Path::new("missing-file")), None);
+        let missing = resolve_token(Some(env), Some(Path::new("missing-file")), None);
         assert!(matches!(missing, Err(CliError::Other(m)) if m.contains("missing-file")));
         let nowhere = resolve_token(None, None, None);
         assert!(matches!(nowhere, Err(CliError::Other(m)) if m.contains("--token-file")));
+        // A client with no token is told where the token comes from, not to run an agent.
+        let absent = resolve_token(None, None, Some(dir.path().join("absent")));
+        let Err(CliError::Other(message)) = absent else {
+            panic!("{absent:?}")
+        };
+        assert!(!message.contains("immortal serve"), "{message}");
+        assert!(message.contains("copy that file"), "{message}");
     }
 
     #[test]
     fn heartbeats_parse_and_set_the_dead_path_bound() {
         assert_eq!(parse_heartbeat("1s"), Ok(Duration::from_secs(1)));
         assert!(parse_heartbeat("10ms").is_err());
+        assert!(parse_heartbeat("2h").is_err());
+        // Once accepted, then a worker thread panicked on the first session.
+        let huge = parse_heartbeat("200000000000y").unwrap_err();
+        assert!(
+            huge.contains("out of range") || huge.contains("overflow"),
+            "{huge}"
+        );
+        assert!(parse_bounded_duration("400days").is_err());
+        assert_eq!(
+            parse_bounded_duration("24h"),
+            Ok(Duration::from_secs(86400))
+        );
         assert!(parse_heartbeat("soon").is_err());
         let options = session_options(Duration::from_secs(2));
         let text = format!("{options:?}");

@@ -14,7 +14,9 @@ use clap::Args;
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::mpsc;
 
-use super::common::{carry, report_status, session_error, termination, ClientArgs, Until};
+use super::common::{
+    carry, report_status, session_error, termination, ClientArgs, SessionArgs, Until,
+};
 use super::CliError;
 use crate::client::{
     inside_carrier, ApiClient, SshCarrier, SshCommand, SshConnector, CARRIER_LINGER,
@@ -47,7 +49,11 @@ pub struct ConnectArgs {
     /// Reach the agent through ssh to DEST (as given to ssh: host, user@host or an alias),
     /// starting it there if need be. Options above about the agent's address, token and TLS
     /// do not apply. $IMMORTAL_SSH_COMMAND names the ssh to run (default: ssh).
-    #[arg(long, value_name = "DEST")]
+    #[arg(
+        long,
+        value_name = "DEST",
+        conflicts_with_all = ["websocket", "token_file", "tls_ca", "tls_pin"]
+    )]
     pub via_ssh: Option<String>,
     /// With --via-ssh: the immortal command on the remote host (default: `immortal`, then
     /// `~/.local/bin/immortal`).
@@ -62,6 +68,9 @@ pub struct ConnectArgs {
         requires = "via_ssh"
     )]
     pub ssh_args: Vec<String>,
+    /// How the stream's connections travel and are watched.
+    #[command(flatten)]
+    pub session: SessionArgs,
     /// The TCP port on the agent's host to connect to (22 for its sshd).
     pub target_port: u16,
 }
@@ -83,9 +92,9 @@ pub async fn run(args: ConnectArgs) -> Result<(), CliError> {
     let stdin = StdinReader::spawn().map_err(|err| CliError::Other(format!("stdin: {err}")))?;
     let stream = api.create_stream(args.target_port, None).await?;
     tracing::debug!(stream = %stream.id, port = stream.port, "stream created");
-    let connector = args.client.connector(&api, &stream.id);
+    let connector = args.session.connector(&api, &stream);
     let mut gone = connector.gone_signal();
-    let session = match Session::connect(connector, args.client.session_options()).await {
+    let session = match Session::connect(connector, args.session.session_options()).await {
         Ok(session) => session,
         Err(err) => {
             let err = gone
@@ -100,7 +109,7 @@ pub async fn run(args: ConnectArgs) -> Result<(), CliError> {
         (!args.quiet).then(|| tokio::spawn(report_status(session.status(), QUIT_HINT, say)));
     let carried = tokio::select! {
         result = carry(&session, &mut gone, stdin, tokio::io::stdout(), Until::RemoteEnds) => result,
-        signal = termination() => Err(CliError::Other(format!("stopped by {signal}"))),
+        signal = termination() => Err(CliError::Stopped(signal)),
     };
     if let Some(reporter) = reporter {
         reporter.abort();
@@ -124,6 +133,10 @@ pub async fn run(args: ConnectArgs) -> Result<(), CliError> {
         Err(err) => {
             if !matches!(err, CliError::StreamGone(_) | CliError::Unauthorized(_)) {
                 delete_quietly(&api, &stream.id).await;
+            }
+            // ssh ends its ProxyCommand with SIGHUP when the session is over: a normal end.
+            if matches!(err, CliError::Stopped("SIGHUP")) {
+                return Ok(());
             }
             Err(err)
         }
@@ -152,7 +165,7 @@ async fn run_via_ssh(args: ConnectArgs, dest: String) -> Result<(), CliError> {
     let mut gone = connector.gone_signal();
     let carriers = connector.carriers();
     let options = args
-        .client
+        .session
         .session_options()
         .connect_timeout(SSH_CONNECT_TIMEOUT);
     let session = Session::connect(connector, options).await.map_err(|err| {
@@ -164,7 +177,7 @@ async fn run_via_ssh(args: ConnectArgs, dest: String) -> Result<(), CliError> {
         (!args.quiet).then(|| tokio::spawn(report_status(session.status(), QUIT_HINT, say)));
     let carried = tokio::select! {
         result = carry(&session, &mut gone, stdin, tokio::io::stdout(), Until::RemoteEnds) => result,
-        signal = termination() => Err(CliError::Other(format!("stopped by {signal}"))),
+        signal = termination() => Err(CliError::Stopped(signal)),
     };
     if let Some(reporter) = reporter {
         reporter.abort();
@@ -178,7 +191,12 @@ async fn run_via_ssh(args: ConnectArgs, dest: String) -> Result<(), CliError> {
     // The CLOSE is on its way through the last carrier: let it get there, so the agent
     // forgets the stream now rather than after its time to live.
     let _ = tokio::time::timeout(CARRIER_LINGER, carriers.all_ended()).await;
-    carried.map(|_| ())
+    match carried {
+        Ok(_) => Ok(()),
+        // ssh ends its ProxyCommand with SIGHUP when the session is over: a normal end.
+        Err(CliError::Stopped("SIGHUP")) => Ok(()),
+        Err(err) => Err(err),
+    }
 }
 
 /// How a person quits a session whose link is down: ssh's escape sequence (ssh runs this

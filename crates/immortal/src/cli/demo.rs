@@ -82,7 +82,7 @@ pub async fn run(args: DemoArgs) -> Result<(), CliError> {
     let stream = api
         .create_stream(remote.service_port, Some("demo".into()))
         .await?;
-    let connector = StreamConnector::new(api, stream.id, Carrier::Upgrade);
+    let connector = StreamConnector::new(api, &stream, Carrier::Upgrade);
     let mut gone = connector.gone_signal();
     let opened = Arc::new(AtomicU64::new(0));
     let counting = Counting {

@@ -15,6 +15,7 @@ use std::process::ExitCode;
 /// | 6 | the agent is full ([`CliError::TooManyStreams`]) |
 /// | 7 | the agent could not be reached ([`CliError::Unreachable`]) |
 /// | 8 | `immortal agent`: another agent runs for this user ([`CliError::AgentRunning`]) |
+/// | 130 | stopped by a signal ([`CliError::Stopped`]); SIGHUP ends `connect` with 0, silently (ssh sends it when the session is over) |
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CliError {
@@ -41,6 +42,9 @@ pub enum CliError {
     /// `immortal agent` found another agent of the same user running.
     #[error("{0}")]
     AgentRunning(String),
+    /// The process was asked to stop (the signal's name).
+    #[error("stopped by {0}")]
+    Stopped(&'static str),
     /// Anything else.
     #[error("{0}")]
     Other(String),
@@ -57,6 +61,7 @@ impl CliError {
             CliError::TooManyStreams(_) => 6,
             CliError::Unreachable { .. } => 7,
             CliError::AgentRunning(_) => 8,
+            CliError::Stopped(_) => 130,
         })
     }
 }

@@ -16,8 +16,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::common::{carry, report_status, session_error, termination, ClientArgs, Until};
+use super::common::{
+    carry, report_status, session_error, termination, ClientArgs, SessionArgs, Until,
+};
 use super::CliError;
+use crate::api::StreamInfo;
 use crate::client::{ApiClient, ClientError};
 
 /// Forward a local port to a port on the agent's host, each connection an immortal stream.
@@ -32,6 +35,9 @@ pub struct ForwardArgs {
     /// Where the agent is and how to reach it.
     #[command(flatten)]
     pub client: ClientArgs,
+    /// How the stream's connections travel and are watched.
+    #[command(flatten)]
+    pub session: SessionArgs,
     /// LOCAL_ADDR:TARGET_PORT, e.g. 127.0.0.1:8080:80 (a bare LOCAL_PORT:TARGET_PORT
     /// listens on 127.0.0.1).
     #[arg(value_name = "LOCAL_ADDR:TARGET_PORT")]
@@ -162,7 +168,7 @@ impl Forwarding {
             }
         };
         tracing::info!(connection = number, peer = %self.peer, stream = %stream.id, "forwarding");
-        let result = self.carry_stream(tcp, &stream.id).await;
+        let result = self.carry_stream(tcp, &stream).await;
         match &result {
             Ok(()) => tracing::info!(connection = number, "closed"),
             Err(err) => tracing::warn!(connection = number, "{err}"),
@@ -173,12 +179,12 @@ impl Forwarding {
         }
     }
 
-    /// Carries the connection on a new session of stream `id` until both directions end,
+    /// Carries the connection on a new session of `stream` until both directions end,
     /// the stream fails, or forwarding stops.
-    async fn carry_stream(&self, tcp: TcpStream, id: &str) -> Result<(), CliError> {
-        let connector = self.args.client.connector(&self.api, id);
+    async fn carry_stream(&self, tcp: TcpStream, stream: &StreamInfo) -> Result<(), CliError> {
+        let connector = self.args.session.connector(&self.api, stream);
         let mut gone = connector.gone_signal();
-        let options = self.args.client.session_options();
+        let options = self.args.session.session_options();
         let session = tokio::select! {
             session = Session::connect(connector, options) => session,
             () = self.stop.cancelled() => return Ok(()),

@@ -133,6 +133,7 @@ mod tests {
             connected,
             bytes_to_service: 1536,
             bytes_from_service: 3 << 20,
+            attach_key: None,
         }
     }
 

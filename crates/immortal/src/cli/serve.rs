@@ -8,8 +8,9 @@ use std::time::Duration;
 use backedpipe::TlsAcceptor;
 use clap::Args;
 
+use super::common::{parse_bounded_duration, parse_heartbeat};
 use super::CliError;
-use crate::server::{Agent, AgentConfig};
+use crate::server::{Agent, AgentConfig, DEFAULT_MAX_STREAMS};
 use crate::token::Token;
 
 /// Run the agent: expose this host's local TCP services as immortal streams.
@@ -17,7 +18,8 @@ use crate::token::Token;
 /// The agent listens on one port speaking HTTP/1.1: a JSON management API under /v1/streams
 /// and the streams themselves by HTTP upgrade. Clients authenticate with a bearer token; if the
 /// token file does not exist, a new token is generated into it (mode 0600) and printed with
-/// how to use it.
+/// how to use it. One token is full access to the agent (every stream can be listed and
+/// deleted), but a stream can be attached only by the client that created it.
 ///
 /// Example: immortal serve --listen 0.0.0.0:7400 --tls-cert cert.pem --tls-key key.pem
 #[derive(Debug, Clone, Args)]
@@ -29,16 +31,27 @@ pub struct ServeArgs {
     /// `immortal/token` in your configuration directory.
     #[arg(long, value_name = "PATH")]
     pub token_file: Option<PathBuf>,
-    /// The most streams held at once; when full, the oldest disconnected stream is evicted.
-    #[arg(long, default_value_t = 32)]
+    /// The most streams held at once; when full, the oldest disconnected stream is evicted
+    /// (never one whose creator is still attaching), else a create is refused with "agent
+    /// full".
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_STREAMS, value_parser = parse_count)]
     pub max_streams: usize,
-    /// How long a stream with no client attached is kept (e.g. 30s, 10m, 24h).
-    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    /// The most client connections open at once (default: max streams + 1000); at the cap,
+    /// connections that have not presented the token are closed first.
+    #[arg(long, value_name = "N", value_parser = parse_count)]
+    pub max_connections: Option<usize>,
+    /// How long a stream with no client attached is kept (e.g. 30s, 10m, 24h; at most 366
+    /// days).
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_bounded_duration)]
     pub ttl: Duration,
     /// How often an idle connection is probed (e.g. 5s, 500ms); a connection silent for two
     /// probes and a second is dropped and waits for its client to resume.
-    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = super::common::parse_heartbeat)]
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_heartbeat)]
     pub heartbeat: Duration,
+    /// How long a client may take over each step of connecting: TLS, its whole HTTP request,
+    /// the session handshake.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_bounded_duration)]
+    pub handshake_timeout: Duration,
     /// TLS certificate chain (PEM); serves HTTPS with --tls-key.
     #[arg(long, value_name = "PATH", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -77,9 +90,14 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
     }
     let mut config = AgentConfig::new(args.listen, token);
     config.max_streams = args.max_streams;
+    config.max_connections = args
+        .max_connections
+        .unwrap_or(args.max_streams.saturating_add(1000));
     config.ttl = args.ttl;
     config.heartbeat = args.heartbeat;
+    config.handshake_timeout = args.handshake_timeout;
     config.tls = tls;
+    fit_open_files(&mut config);
     let scheme = if config.tls.is_some() {
         "https"
     } else {
@@ -111,29 +129,90 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
         .map_err(|err| CliError::Other(format!("the agent stopped: {err}")))
 }
 
-/// Tells the person who just started the agent where the new token is and how clients use it.
+/// Parses a count of at least one.
+fn parse_count(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(err) => Err(err.to_string()),
+    }
+}
+
+/// Tells the person who just started the agent where the new token is and how clients use
+/// it: on this host, and on another machine (where neither this file's path nor a loopback
+/// address means anything).
 fn print_token_hint(path: &Path, listening: SocketAddr) {
-    let server = if listening.ip().is_unspecified() {
-        format!("HOST:{}", listening.port())
+    let port = listening.port();
+    let elsewhere = if listening.ip().is_loopback() {
+        format!(
+            "it listens on loopback only: reach it through a tunnel, e.g. \
+             `ssh -N -L {port}:127.0.0.1:{port} THIS_HOST`, then use `--server 127.0.0.1:{port}`"
+        )
+    } else if listening.ip().is_unspecified() {
+        format!("use `--server THIS_HOST:{port}`")
     } else {
-        listening.to_string()
+        format!("use `--server {listening}`")
     };
-    let where_clients_look = if Token::default_path().as_deref() == Some(path) {
-        "Clients run by you on this host find it there by default."
+    let here = if Token::default_path().as_deref() == Some(path) {
+        "Clients run by you on this host find it there by default.".to_owned()
     } else {
-        "Clients on this host need --token-file to find it there."
+        format!(
+            "Clients on this host need `--token-file {}` (or IMMORTAL_TOKEN=$(cat {})).",
+            path.display(),
+            path.display()
+        )
     };
-    let path = path.display();
     eprintln!(
-        "immortal: generated a new token in {path} (readable only by you).\n\
-         {where_clients_look} Elsewhere, copy it and run, e.g.\n\
-         \n    IMMORTAL_TOKEN=$(cat {path}) immortal ls --server {server}\n\
-         \nor pass --token-file {path}."
+        "immortal: generated a new token in {} (readable only by you).\n\
+         {here}\n\
+         On another machine, copy it into that machine's default token file \
+         (~/.config/immortal/token, mode 600) or pass it as IMMORTAL_TOKEN, and {elsewhere}.\n\
+         Anyone with the token has full access to this agent's streams: keep it like an ssh key.",
+        path.display()
     );
+}
+
+/// Raises the open-file soft limit to the hard limit (a shell's default of 1024 is far below
+/// what thousands of streams need), and lowers the agent's caps to fit if even the hard limit
+/// is too low: a stream takes two descriptors (its client's connection and the local
+/// service's), a connection one.
+fn fit_open_files(config: &mut AgentConfig) {
+    #[cfg(unix)]
+    {
+        let limit = match rlimit::increase_nofile_limit(u64::MAX) {
+            Ok(limit) => limit,
+            Err(err) => {
+                tracing::warn!(%err, "cannot read or raise the open-file limit");
+                return;
+            }
+        };
+        tracing::debug!(limit, "open-file limit");
+        // Descriptors for everything else: the listener, the runtime, logs, the token file.
+        const RESERVED: u64 = 64;
+        let limit = usize::try_from(limit.saturating_sub(RESERVED)).unwrap_or(usize::MAX);
+        let needed = config.max_connections.saturating_add(config.max_streams);
+        if needed > limit {
+            // Keep the proportion: every stream's client needs a connection, plus some room.
+            let streams = (limit / 2).max(1).min(config.max_streams);
+            let connections = limit.saturating_sub(streams).max(1);
+            tracing::warn!(
+                "the open-file limit allows about {limit} descriptors: serving at most {streams} \
+                 streams and {connections} connections (raise the hard limit, `ulimit -Hn`, for more)"
+            );
+            config.max_streams = streams;
+            config.max_connections = connections.min(config.max_connections);
+        }
+    }
 }
 
 /// A bind failure as one line that says what to do.
 fn bind_error(listen: SocketAddr, err: &io::Error) -> CliError {
+    if let Some(config) = err
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<crate::server::ConfigError>())
+    {
+        return CliError::Other(config.to_string());
+    }
     CliError::Other(match err.kind() {
         io::ErrorKind::AddrInUse => format!(
             "cannot listen on {listen}: the address is in use (is another agent running? \

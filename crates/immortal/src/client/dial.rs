@@ -16,7 +16,8 @@ use super::error::ClientError;
 
 /// Where the agent listens: a host name or IP address, and a port.
 ///
-/// Parsed from `HOST:PORT`; an IPv6 address goes in brackets (`[::1]:7400`).
+/// Parsed from `HOST:PORT`, or `HOST` alone for the agent's default port
+/// ([`DEFAULT_PORT`], 7400); an IPv6 address goes in brackets (`[::1]:7400`, `[::1]`).
 ///
 /// ```
 /// use immortal::client::ServerAddr;
@@ -25,7 +26,9 @@ use super::error::ClientError;
 /// assert_eq!(addr.host(), "::1");
 /// assert_eq!(addr.port(), 7400);
 /// assert_eq!(addr.to_string(), "[::1]:7400");
-/// assert!("no-port".parse::<ServerAddr>().is_err());
+/// let addr: ServerAddr = "myhost".parse().unwrap();
+/// assert_eq!(addr.to_string(), "myhost:7400");
+/// assert!("::1".parse::<ServerAddr>().is_err()); // brackets, please: [::1]
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerAddr {
@@ -50,7 +53,15 @@ impl FromStr for ServerAddr {
 
     fn from_str(text: &str) -> Result<Self, ClientError> {
         let bad = || ClientError::BadServer(text.to_owned());
-        let (host, port) = text.rsplit_once(':').ok_or_else(bad)?;
+        let default_port = DEFAULT_PORT.to_string();
+        let (host, port) = match text.rsplit_once(':') {
+            // `HOST` or `[V6]` alone: the default port.
+            None => (text, default_port.as_str()),
+            Some(_) if text.starts_with('[') && text.ends_with(']') => {
+                (text, default_port.as_str())
+            }
+            Some(split) => split,
+        };
         let host = match host.strip_prefix('[') {
             Some(inner) => inner.strip_suffix(']').ok_or_else(bad)?,
             None if host.contains(':') => return Err(bad()),
@@ -77,6 +88,10 @@ impl fmt::Display for ServerAddr {
         }
     }
 }
+
+/// The port the agent listens on unless told otherwise, and the one a `--server HOST` without
+/// a port means.
+pub const DEFAULT_PORT: u16 = 7400;
 
 /// How the client trusts an agent that serves TLS.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -235,9 +250,15 @@ mod tests {
             assert_eq!((addr.host(), addr.port()), (host, port));
             assert_eq!(addr.to_string(), text);
         }
+        // No port: the agent's default (this was refused).
+        for (text, host) in [("host", "host"), ("10.0.0.1", "10.0.0.1"), ("[::1]", "::1")] {
+            let addr: ServerAddr = text.parse().unwrap();
+            assert_eq!((addr.host(), addr.port()), (host, DEFAULT_PORT), "{text}");
+        }
         for bad in [
             "",
-            "host",
+            "::1",
+            "[]",
             ":7400",
             "host:",
             "host:0",

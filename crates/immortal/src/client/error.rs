@@ -23,13 +23,17 @@ pub enum ClientError {
     /// staying disconnected longer than the agent's TTL. Create a new stream.
     #[error("stream unknown or expired: {0}")]
     NotFound(String),
+    /// The agent refused an upgrade without the stream's attach key (HTTP 403): only the
+    /// client that created a stream can attach to it.
+    #[error("the agent refused to attach this client to the stream: {0}")]
+    AttachRefused(String),
     /// The agent could not connect to the requested port on its host (HTTP 422): nothing
     /// listens there.
     #[error("the agent could not connect to the target port: {0}")]
     DialFailed(String),
     /// The agent holds its maximum of streams and every one is in use (HTTP 503). Remove one
     /// (`immortal rm`) or raise the agent's `--max-streams`.
-    #[error("the agent is full: {0}")]
+    #[error("{0}")]
     TooManyStreams(String),
     /// The agent could not be reached: the name did not resolve, the connection was refused,
     /// or nothing answered in time.
@@ -52,8 +56,8 @@ pub enum ClientError {
     /// The TLS settings could not be loaded (a missing or malformed PEM file).
     #[error(transparent)]
     TlsConfig(Arc<backedpipe::TlsError>),
-    /// The agent's address is not HOST:PORT.
-    #[error("{0:?} is not an agent address: expected HOST:PORT, e.g. 127.0.0.1:7400")]
+    /// The agent's address is not HOST or HOST:PORT.
+    #[error("{0:?} is not an agent address: expected HOST or HOST:PORT, e.g. myhost or 127.0.0.1:7400 (an IPv6 address in brackets)")]
     BadServer(String),
     /// The agent answered with an error this client has no better name for.
     #[error("the agent answered {status}: {message}")]
@@ -107,6 +111,7 @@ impl ClientError {
             self,
             ClientError::NotFound(_)
                 | ClientError::Unauthorized(_)
+                | ClientError::AttachRefused(_)
                 | ClientError::RemoteMissing { .. }
         )
     }
@@ -156,6 +161,9 @@ impl ClientError {
             (Some(ErrorCode::Unauthorized), _) | (None, 401) => ClientError::Unauthorized(message),
             (Some(ErrorCode::StreamNotFound), _) | (None, 404) => ClientError::NotFound(message),
             (Some(ErrorCode::DialFailed), _) | (None, 422) => ClientError::DialFailed(message),
+            (Some(ErrorCode::AttachRefused), _) | (None, 403) => {
+                ClientError::AttachRefused(message)
+            }
             (Some(ErrorCode::TooManyStreams), _) | (None, 503) => {
                 ClientError::TooManyStreams(message)
             }

@@ -14,7 +14,7 @@ mod ssh;
 mod stream;
 
 pub use self::api_client::{ApiClient, REQUEST_TIMEOUT};
-pub use self::dial::{Dialer, ServerAddr, TlsTrust, DIAL_TIMEOUT};
+pub use self::dial::{Dialer, ServerAddr, TlsTrust, DEFAULT_PORT, DIAL_TIMEOUT};
 pub use self::error::ClientError;
 pub use self::ssh::{
     inside_carrier, Carriers, SshCarrier, SshCommand, SshCommandError, SshConnector, CARRIER_ENV,

@@ -7,7 +7,7 @@ use std::io;
 use std::sync::Arc;
 
 use backedpipe::{BoxIo, Connector};
-use hyper::header::AUTHORIZATION;
+use hyper::header::{HeaderValue, AUTHORIZATION};
 use hyper::StatusCode;
 use hyper_util::rt::TokioIo;
 use tokio::sync::watch;
@@ -16,7 +16,7 @@ use tokio_tungstenite::tungstenite::Error as WsError;
 
 use super::api_client::{read_body, ApiClient};
 use super::error::ClientError;
-use crate::api;
+use crate::api::{self, StreamInfo, ATTACH_KEY_HEADER};
 use crate::ws_io::WsIo;
 
 /// How a stream's bytes travel over the HTTP connection.
@@ -46,7 +46,7 @@ pub enum Carrier {
 /// use immortal::client::{Carrier, StreamConnector};
 ///
 /// let stream = api.create_stream(22, None).await?;
-/// let connector = StreamConnector::new(api, stream.id, Carrier::Upgrade);
+/// let connector = StreamConnector::new(api, &stream, Carrier::Upgrade);
 /// let mut gone = connector.gone_signal();
 /// let session = Session::connect(connector, SessionOptions::default()).await?;
 /// tokio::select! {
@@ -62,16 +62,24 @@ pub enum Carrier {
 pub struct StreamConnector {
     api: ApiClient,
     id: String,
+    attach_key: Option<HeaderValue>,
     carrier: Carrier,
     gone: Arc<watch::Sender<Option<ClientError>>>,
 }
 
 impl StreamConnector {
-    /// A connector for stream `id` of the agent `api` talks to.
-    pub fn new(api: ApiClient, id: impl Into<String>, carrier: Carrier) -> Self {
+    /// A connector for `stream`, as the agent `api` talks to answered its creation: every
+    /// connection presents the stream's attach key (only its creator has it).
+    pub fn new(api: ApiClient, stream: &StreamInfo, carrier: Carrier) -> Self {
+        let attach_key = stream.attach_key.as_deref().and_then(|key| {
+            let mut value = HeaderValue::from_str(key).ok()?;
+            value.set_sensitive(true);
+            Some(value)
+        });
         StreamConnector {
             api,
-            id: id.into(),
+            id: stream.id.clone(),
+            attach_key,
             carrier,
             gone: Arc::new(watch::Sender::new(None)),
         }
@@ -100,7 +108,10 @@ impl StreamConnector {
     }
 
     async fn open_upgrade(&self) -> Result<BoxIo, ClientError> {
-        let request = self.api.upgrade_request(&self.id)?;
+        let mut request = self.api.upgrade_request(&self.id)?;
+        if let Some(key) = &self.attach_key {
+            request.headers_mut().insert(ATTACH_KEY_HEADER, key.clone());
+        }
         let response = self.api.send(request, true).await?;
         let status = response.status();
         if status != StatusCode::SWITCHING_PROTOCOLS {
@@ -121,6 +132,9 @@ impl StreamConnector {
         request
             .headers_mut()
             .insert(AUTHORIZATION, self.api.authorization().clone());
+        if let Some(key) = &self.attach_key {
+            request.headers_mut().insert(ATTACH_KEY_HEADER, key.clone());
+        }
         let io = self.api.dialer().dial().await?;
         match tokio_tungstenite::client_async(request, io).await {
             Ok((websocket, _response)) => Ok(Box::new(WsIo::new(websocket))),

@@ -18,6 +18,8 @@
 //! # }
 //! ```
 
+mod connections;
+mod metrics;
 mod registry;
 mod routes;
 mod socket_agent;
@@ -42,6 +44,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::token::Token;
 
+use self::connections::{ConnectionGate, Ticket};
+use self::metrics::Metrics;
 use self::registry::Registry;
 pub use self::registry::{RemovalReason, StreamEvent};
 pub use self::socket_agent::{SocketAgent, SocketAgentConfig, SocketAgentError, Stopped};
@@ -54,9 +58,10 @@ pub const STOP_GRACE: Duration = Duration::from_secs(2);
 ///
 /// | setting | default ([`AgentConfig::new`]) | why |
 /// |---|---|---|
-/// | [`max_streams`](Self::max_streams) | 32 | each stream holds a local connection and up to a replay buffer of memory |
+/// | [`max_streams`](Self::max_streams) | 10,000 | 10,000 idle streams take about 163 MiB; each holds a local connection and, while busy, up to its replay buffer (see `docs/API.md`, "Limits and memory") |
+/// | [`max_connections`](Self::max_connections) | 11,000 | every stream's client plus room for API requests; unauthenticated connections give way first |
 /// | [`ttl`](Self::ttl) | 24 h | a laptop asleep overnight still finds its stream in the morning |
-/// | [`handshake_timeout`](Self::handshake_timeout) | 10 s | a client that connects and says nothing (TLS, HTTP head, session hello) cannot hold a task for long |
+/// | [`handshake_timeout`](Self::handshake_timeout) | 10 s | a client that connects and says nothing (TLS, the whole HTTP request, session hello) cannot hold a task for long |
 /// | [`heartbeat`](Self::heartbeat) | 5 s | an idle path is probed this often; one silent for 2 × heartbeat + 1 s is declared dead |
 /// | [`tls`](Self::tls) | none | plain HTTP; fine on loopback, not beyond it |
 #[derive(Debug, Clone)]
@@ -66,13 +71,18 @@ pub struct AgentConfig {
     /// The bearer token every request must present.
     pub token: Token,
     /// The most streams held at once. When full, creating a stream evicts the oldest
-    /// disconnected one, or is refused (503) if every stream has a client attached.
+    /// disconnected one (never one created less than the handshake timeout ago that its
+    /// creator has yet to attach), or is refused (503, "agent full") if there is none.
     pub max_streams: usize,
+    /// The most client connections open at once (HTTP requests and upgraded streams). At the
+    /// cap, the oldest connection that has not presented the token is closed to let a new one
+    /// in; if every one has, the new one is closed.
+    pub max_connections: usize,
     /// How long a stream with no client attached is kept: after its client went away, or after
     /// its creation if no client ever attached.
     pub ttl: Duration,
-    /// The longest a client may take over each handshake step: TLS, sending its HTTP request,
-    /// and the session handshake after an upgrade.
+    /// The longest a client may take over each handshake step: TLS, sending its whole HTTP
+    /// request (head and body), and the session handshake after an upgrade.
     pub handshake_timeout: Duration,
     /// How often an idle session path is probed.
     pub heartbeat: Duration,
@@ -86,12 +96,31 @@ impl AgentConfig {
         AgentConfig {
             listen,
             token,
-            max_streams: 32,
+            max_streams: DEFAULT_MAX_STREAMS,
+            max_connections: DEFAULT_MAX_STREAMS + 1000,
             ttl: Duration::from_secs(24 * 60 * 60),
             handshake_timeout: Duration::from_secs(10),
             heartbeat: Duration::from_secs(5),
             tls: None,
         }
+    }
+
+    /// Checks that every duration is within [`DURATION_BOUNDS`] and the limits are not zero.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the setting.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (name, value) in [
+            ("heartbeat", self.heartbeat),
+            ("ttl", self.ttl),
+            ("handshake timeout", self.handshake_timeout),
+        ] {
+            check_duration(name, value)?;
+        }
+        if self.max_streams == 0 || self.max_connections == 0 {
+            return Err(ConfigError::ZeroLimit);
+        }
+        Ok(())
     }
 
     /// The session settings each stream's sessions run with.
@@ -108,6 +137,56 @@ impl AgentConfig {
     }
 }
 
+/// The default of [`AgentConfig::max_streams`].
+pub const DEFAULT_MAX_STREAMS: usize = 10_000;
+
+/// The shortest and longest duration any setting of the agent (or of a client's session) may
+/// have: longer ones overflow the arithmetic of deadlines, shorter ones would spin.
+pub const DURATION_BOUNDS: (Duration, Duration) = (
+    Duration::from_millis(100),
+    Duration::from_secs(366 * 24 * 60 * 60),
+);
+
+/// Checks `value` against [`DURATION_BOUNDS`].
+///
+/// # Errors
+/// [`ConfigError::Duration`] naming `name` and the bounds.
+///
+/// ```
+/// use std::time::Duration;
+/// use immortal::server::check_duration;
+///
+/// assert!(check_duration("ttl", Duration::from_secs(3600)).is_ok());
+/// assert!(check_duration("ttl", Duration::MAX).is_err());
+/// ```
+pub fn check_duration(name: &'static str, value: Duration) -> Result<(), ConfigError> {
+    let (min, max) = DURATION_BOUNDS;
+    if value < min || value > max {
+        return Err(ConfigError::Duration { name, value });
+    }
+    Ok(())
+}
+
+/// An [`AgentConfig`] that cannot be served.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A duration outside [`DURATION_BOUNDS`].
+    #[error(
+        "the {name} of {} is out of range: it must be between 100 ms and 366 days",
+        humantime::format_duration(*value)
+    )]
+    Duration {
+        /// The setting.
+        name: &'static str,
+        /// The value given.
+        value: Duration,
+    },
+    /// `max_streams` or `max_connections` is zero.
+    #[error("the agent needs room for at least one stream and one connection")]
+    ZeroLimit,
+}
+
 /// A bound agent. [`run`](Self::run) serves until the future is dropped; dropping it also
 /// closes every stream (their sessions get CLOSE, their local connections are dropped).
 #[derive(Debug)]
@@ -116,6 +195,7 @@ pub struct Agent {
     local_addr: SocketAddr,
     tls: Option<TlsAcceptor>,
     handshake_timeout: Duration,
+    gate: Arc<ConnectionGate>,
     shared: Arc<Shared>,
 }
 
@@ -124,6 +204,7 @@ pub struct Agent {
 struct Shared {
     token: Token,
     registry: Registry,
+    metrics: Arc<Metrics>,
     /// Cancelled when the agent stops: every connection and stream task ends.
     shutdown: CancellationToken,
     handshake_timeout: Duration,
@@ -133,25 +214,34 @@ impl Agent {
     /// Binds the listening socket. Nothing is served until [`run`](Self::run).
     ///
     /// # Errors
-    /// The bind's failure (address in use, permission denied, address not local).
+    /// The bind's failure (address in use, permission denied, address not local); a
+    /// [`ConfigError`] (as the source of an error of kind `InvalidInput`).
     pub async fn bind(config: AgentConfig) -> io::Result<Agent> {
+        config
+            .validate()
+            .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?;
         let listener = listen(config.listen)?;
         let local_addr = listener.local_addr()?;
         let shutdown = CancellationToken::new();
+        let metrics = Arc::new(Metrics::default());
         let registry = Registry::new(
             config.max_streams,
             config.ttl,
+            config.handshake_timeout,
             config.session_options(),
             shutdown.clone(),
+            metrics.clone(),
         );
         Ok(Agent {
             listener,
             local_addr,
             tls: config.tls,
             handshake_timeout: config.handshake_timeout,
+            gate: ConnectionGate::new(config.max_connections, metrics.clone()),
             shared: Arc::new(Shared {
                 token: config.token,
                 registry,
+                metrics,
                 shutdown,
                 handshake_timeout: config.handshake_timeout,
             }),
@@ -190,6 +280,9 @@ impl Agent {
         let _stop_all = self.shared.shutdown.clone().drop_guard();
         let router = routes::router(self.shared.clone());
         let mut stop = std::pin::pin!(stop);
+        // Accept failures in a row: the first is a warning, its repeats are not (out of
+        // descriptors, the loop would otherwise log ten lines a second).
+        let mut failing = 0u64;
         loop {
             let accepted = tokio::select! {
                 accepted = self.listener.accept() => accepted,
@@ -198,20 +291,36 @@ impl Agent {
             let (tcp, peer) = match accepted {
                 Ok(accepted) => accepted,
                 Err(err) => {
-                    tracing::warn!(%err, "accept failed; retrying");
+                    if failing == 0 {
+                        tracing::warn!(
+                            %err,
+                            "accept failed; retrying (repeats are logged at debug level)"
+                        );
+                    } else {
+                        tracing::debug!(%err, failing, "accept failed again");
+                    }
+                    failing += 1;
                     // Out of descriptors or similar: give the system a moment rather than spin.
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             };
+            if failing > 0 {
+                tracing::info!(failing, "accepting again after failures");
+                failing = 0;
+            }
+            let Some(ticket) = self.gate.admit(&self.shared.shutdown) else {
+                tracing::debug!(%peer, "connection refused: at the connection cap");
+                continue;
+            };
             tracing::debug!(%peer, "connection");
             tokio::spawn(serve_connection(
                 tcp,
                 peer,
+                Arc::new(ticket),
                 self.tls.clone(),
                 router.clone(),
                 self.handshake_timeout,
-                self.shared.shutdown.clone(),
             ));
         }
         drop(self.listener);
@@ -230,11 +339,13 @@ impl Agent {
 async fn serve_connection(
     tcp: TcpStream,
     peer: SocketAddr,
+    ticket: Arc<Ticket>,
     tls: Option<TlsAcceptor>,
     router: axum::Router,
     handshake_timeout: Duration,
-    shutdown: CancellationToken,
 ) {
+    // Cancelled by the connection cap or by the agent stopping, whichever comes first.
+    let shutdown = ticket.closing().clone();
     let _ = tcp.set_nodelay(true);
     let io: BoxIo = match tls {
         None => Box::new(tcp),
@@ -257,7 +368,22 @@ async fn serve_connection(
     // The router takes axum's body type; hyper gives its own.
     let router = TowerToHyperService::new(router);
     let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
-        hyper::service::Service::call(&router, request.map(axum::body::Body::new))
+        let mut request = request.map(axum::body::Body::new);
+        request
+            .extensions_mut()
+            .insert(ConnectionTicket(ticket.clone()));
+        // The whole request, body included, within the handshake timeout: a body that
+        // trickles in a byte at a time cannot hold the connection (and its buffers) for long.
+        let response = tokio::time::timeout(
+            handshake_timeout,
+            hyper::service::Service::call(&router, request),
+        );
+        async move {
+            match response.await {
+                Ok(response) => response,
+                Err(_) => Ok(routes::request_timeout()),
+            }
+        }
     });
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -272,6 +398,11 @@ async fn serve_connection(
         tracing::debug!(%peer, %err, "HTTP connection ended");
     }
 }
+
+/// The slot of the connection a request arrived on (a request extension), so that
+/// authenticating the request marks the connection and an upgrade keeps the slot.
+#[derive(Debug, Clone)]
+pub(crate) struct ConnectionTicket(pub(crate) Arc<Ticket>);
 
 /// A listen queue long enough for a reconnect storm: when a network blip cuts many clients at
 /// once they all come back within milliseconds, and a queue of 128 (tokio's default) overflows,

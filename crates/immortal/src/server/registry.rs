@@ -16,6 +16,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::metrics::Metrics;
 use super::stream::Stream;
 use crate::api::StreamInfo;
 
@@ -77,8 +78,12 @@ pub enum RemovalReason {
 /// Why a stream could not be created.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum CreateError {
-    /// Every slot holds a stream with a client attached.
-    #[error("the agent holds its maximum of {0} streams and every one has a client attached")]
+    /// Every slot holds a stream with a client attached, or one its creator is about to
+    /// attach.
+    #[error(
+        "agent full (--max-streams {0}): every stream has a client attached or was just created \
+         for one"
+    )]
     Full(usize),
     /// The local port did not accept the connection.
     #[error("cannot connect to port {port} on the loopback interface: {reason}")]
@@ -100,6 +105,9 @@ pub(crate) struct Registry {
 struct Inner {
     max_streams: usize,
     ttl: Duration,
+    /// How long a new stream is safe from eviction while its creator attaches.
+    attach_grace: Duration,
+    metrics: Arc<Metrics>,
     options: SessionOptions,
     shutdown: CancellationToken,
     streams: Mutex<HashMap<String, Arc<Stream>>>,
@@ -114,13 +122,17 @@ impl Registry {
     pub(crate) fn new(
         max_streams: usize,
         ttl: Duration,
+        attach_grace: Duration,
         options: SessionOptions,
         shutdown: CancellationToken,
+        metrics: Arc<Metrics>,
     ) -> Registry {
         Registry {
             inner: Arc::new(Inner {
                 max_streams,
                 ttl,
+                attach_grace,
+                metrics,
                 options,
                 shutdown,
                 streams: Mutex::new(HashMap::new()),
@@ -151,6 +163,13 @@ impl Registry {
         self.table().get(id).cloned()
     }
 
+    /// How many streams are held, and how many of them have a client attached.
+    pub(crate) fn counts(&self) -> (usize, usize) {
+        let table = self.table();
+        let connected = table.values().filter(|s| s.is_connected()).count();
+        (table.len(), connected)
+    }
+
     /// Every stream, oldest first.
     pub(crate) fn list(&self) -> Vec<StreamInfo> {
         let mut streams: Vec<Arc<Stream>> = self.table().values().cloned().collect();
@@ -179,12 +198,13 @@ impl Registry {
             name,
             self.inner.options.clone(),
             self.inner.shutdown.child_token(),
+            self.inner.metrics.clone(),
         );
         let evicted = {
             let mut table = self.table();
             let evicted = if table.len() >= self.inner.max_streams {
                 // The room seen above may have been taken meanwhile; look again.
-                match oldest_disconnected(&table) {
+                match oldest_evictable(&table, self.inner.attach_grace) {
                     Some(id) => table.remove(&id),
                     None => return Err(CreateError::Full(self.inner.max_streams)),
                 }
@@ -203,7 +223,7 @@ impl Registry {
                 reason: RemovalReason::Evicted,
             });
         }
-        let info = stream.info();
+        let info = stream.creation_info();
         tracing::info!(id = %info.id, name = %info.name, port, "stream created");
         self.emit(StreamEvent::Created {
             id: info.id.clone(),
@@ -248,7 +268,8 @@ impl Registry {
     /// Whether a new stream would fit, evicting if need be.
     fn has_room(&self) -> bool {
         let table = self.table();
-        table.len() < self.inner.max_streams || oldest_disconnected(&table).is_some()
+        table.len() < self.inner.max_streams
+            || oldest_evictable(&table, self.inner.attach_grace).is_some()
     }
 
     fn table(&self) -> MutexGuard<'_, HashMap<String, Arc<Stream>>> {
@@ -259,12 +280,14 @@ impl Registry {
     }
 }
 
-/// The stream to evict: among those with no client attached, the one idle longest, by the
-/// later of its creation and its last disconnection (oldest first, creation order on ties).
-fn oldest_disconnected(table: &HashMap<String, Arc<Stream>>) -> Option<String> {
+/// The stream to evict: among those with no client attached (leaving out streams created less
+/// than `grace` ago that were never attached: their creator is on its way), the one idle
+/// longest, by the later of its creation and its last disconnection (oldest first, creation
+/// order on ties).
+fn oldest_evictable(table: &HashMap<String, Arc<Stream>>, grace: Duration) -> Option<String> {
     table
         .values()
-        .filter(|stream| !stream.is_connected())
+        .filter(|stream| stream.is_evictable(grace))
         .min_by_key(|stream| (stream.idle_since(), stream.serial()))
         .map(|stream| stream.id().to_owned())
 }
@@ -311,7 +334,16 @@ mod tests {
 
     fn stream(serial: u64) -> Arc<Stream> {
         let options = SessionOptions::default();
-        Stream::new(serial, 1000, None, options, CancellationToken::new()).0
+        let metrics = Arc::new(Metrics::default());
+        Stream::new(
+            serial,
+            1000,
+            None,
+            options,
+            CancellationToken::new(),
+            metrics,
+        )
+        .0
     }
 
     #[tokio::test(start_paused = true)]
@@ -326,19 +358,54 @@ mod tests {
             .into_iter()
             .map(|s| (s.id().to_owned(), s.clone()))
             .collect();
-        assert_eq!(oldest_disconnected(&table).as_deref(), Some(a.id()));
+        assert_eq!(
+            oldest_evictable(&table, Duration::ZERO).as_deref(),
+            Some(a.id())
+        );
         // `a` had a client until after `b` was created: `b` has been idle longest.
         a.set_connected(true);
         tokio::time::advance(second).await;
         a.set_connected(false);
-        assert_eq!(oldest_disconnected(&table).as_deref(), Some(b.id()));
+        assert_eq!(
+            oldest_evictable(&table, Duration::ZERO).as_deref(),
+            Some(b.id())
+        );
         // Streams with a client attached are never evicted.
         b.set_connected(true);
-        assert_eq!(oldest_disconnected(&table).as_deref(), Some(c.id()));
+        assert_eq!(
+            oldest_evictable(&table, Duration::ZERO).as_deref(),
+            Some(c.id())
+        );
         c.set_connected(true);
-        assert_eq!(oldest_disconnected(&table).as_deref(), Some(a.id()));
+        assert_eq!(
+            oldest_evictable(&table, Duration::ZERO).as_deref(),
+            Some(a.id())
+        );
         a.set_connected(true);
-        assert_eq!(oldest_disconnected(&table), None);
+        assert_eq!(oldest_evictable(&table, Duration::ZERO), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_not_yet_attached_is_safe_from_eviction_for_the_grace() {
+        let grace = Duration::from_secs(10);
+        let a = stream(0);
+        let table: HashMap<String, Arc<Stream>> = [(a.id().to_owned(), a.clone())].into();
+        assert_eq!(
+            oldest_evictable(&table, grace),
+            None,
+            "its creator is on its way"
+        );
+        tokio::time::advance(grace).await;
+        assert_eq!(oldest_evictable(&table, grace).as_deref(), Some(a.id()));
+        let b = stream(1);
+        b.set_connected(true);
+        b.set_connected(false);
+        let table: HashMap<String, Arc<Stream>> = [(b.id().to_owned(), b.clone())].into();
+        assert_eq!(
+            oldest_evictable(&table, grace).as_deref(),
+            Some(b.id()),
+            "a stream whose client came and went is evictable at once"
+        );
     }
 
     #[test]

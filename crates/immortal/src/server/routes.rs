@@ -1,14 +1,16 @@
 //! The management API (`docs/API.md`): routes, bearer-token authentication, JSON bodies and
 //! the error responses.
 //!
-//! Every route requires `Authorization: Bearer <token>`, checked before anything else is looked
-//! at (the body is not even parsed), so a request without the token changes nothing. Errors
-//! are [`ErrorBody`] JSON with the status of their [`ErrorCode`].
+//! Every route but `/healthz` requires `Authorization: Bearer <token>`, checked before anything
+//! else is looked at (the body is not even read), so a request without the token changes
+//! nothing. A body is read up to [`MAX_REQUEST_BODY`] bytes, each chunk copied out of the
+//! connection's buffers as it arrives, so a body sent one byte per packet costs no more than
+//! its length. Errors are [`ErrorBody`] JSON with the status of their [`ErrorCode`].
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::extract::{FromRequestParts, Path, State};
+use axum::body::Body;
+use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -17,8 +19,10 @@ use axum::{Json, Router};
 
 use super::registry::{CreateError, RemovalReason};
 use super::stream::MAX_NAME_LEN;
-use super::{upgrade, Shared};
-use crate::api::{ApiError, CreateStream, ErrorBody, ErrorCode, StreamInfo, StreamList};
+use super::{upgrade, ConnectionTicket, Shared};
+use crate::api::{
+    ApiError, CreateStream, ErrorBody, ErrorCode, StreamInfo, StreamList, MAX_REQUEST_BODY,
+};
 
 /// The agent's routes.
 pub(super) fn router(shared: Arc<Shared>) -> Router {
@@ -26,6 +30,8 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/streams", post(create).get(list))
         .route("/v1/streams/{id}", get(get_one).delete(delete_one))
         .route("/v1/streams/{id}/connect", get(upgrade::connect))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .with_state(shared)
@@ -74,6 +80,15 @@ impl IntoResponse for ApiFailure {
             },
         };
         let mut response = (status, Json(body)).into_response();
+        if matches!(
+            self.code,
+            ErrorCode::PayloadTooLarge | ErrorCode::RequestTimeout
+        ) {
+            // The rest of the request is not read: the connection cannot carry another.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if unauthorized {
             response
                 .headers_mut()
@@ -101,7 +116,12 @@ impl FromRequestParts<Arc<Shared>> for Authorized {
             .and_then(|value| value.to_str().ok())
             .and_then(bearer_token);
         match presented {
-            Some(token) if shared.token.verify(token) => Ok(Authorized(())),
+            Some(token) if shared.token.verify(token) => {
+                if let Some(ConnectionTicket(ticket)) = parts.extensions.get() {
+                    ticket.authenticate();
+                }
+                Ok(Authorized(()))
+            }
             Some(_) => Err(ApiFailure::new(
                 ErrorCode::Unauthorized,
                 "the bearer token is wrong",
@@ -122,11 +142,65 @@ fn bearer_token(value: &str) -> Option<&str> {
         .then_some(token.trim())
 }
 
+/// The answer when a request did not arrive whole within the time limit.
+pub(super) fn request_timeout() -> Response {
+    ApiFailure::new(
+        ErrorCode::RequestTimeout,
+        "the request did not arrive whole within the agent's handshake timeout",
+    )
+    .into_response()
+}
+
+/// A request body of at most [`MAX_REQUEST_BODY`] bytes, copied out chunk by chunk as it
+/// arrives (a chunk may share a large buffer of the connection; keeping chunks would keep the
+/// buffers).
+#[derive(Debug)]
+pub(crate) struct SmallBody(Vec<u8>);
+
+impl<S: Send + Sync> FromRequest<S> for SmallBody {
+    type Rejection = ApiFailure;
+
+    async fn from_request(request: Request, _state: &S) -> Result<SmallBody, ApiFailure> {
+        read_small_body(request.into_body()).await.map(SmallBody)
+    }
+}
+
+/// Reads `body`, refusing it as soon as it is known to exceed [`MAX_REQUEST_BODY`].
+pub(crate) async fn read_small_body(body: Body) -> Result<Vec<u8>, ApiFailure> {
+    use http_body_util::BodyExt;
+    let too_large = || {
+        ApiFailure::new(
+            ErrorCode::PayloadTooLarge,
+            format!("a request body is at most {MAX_REQUEST_BODY} bytes"),
+        )
+    };
+    let mut body = body;
+    if axum::body::HttpBody::size_hint(&body).lower() > MAX_REQUEST_BODY as u64 {
+        return Err(too_large());
+    }
+    let mut out = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|err| {
+            ApiFailure::new(
+                ErrorCode::BadRequest,
+                format!("reading the request body failed: {err}"),
+            )
+        })?;
+        if let Ok(data) = frame.into_data() {
+            if out.len() + data.len() > MAX_REQUEST_BODY {
+                return Err(too_large());
+            }
+            out.extend_from_slice(&data);
+        }
+    }
+    Ok(out)
+}
+
 /// `POST /v1/streams`.
 async fn create(
     _auth: Authorized,
     State(shared): State<Arc<Shared>>,
-    body: Bytes,
+    SmallBody(body): SmallBody,
 ) -> Result<(StatusCode, Json<StreamInfo>), ApiFailure> {
     let request: CreateStream = serde_json::from_slice(&body).map_err(|err| {
         ApiFailure::new(
@@ -156,12 +230,33 @@ async fn create(
     match shared.registry.create(request.port, request.name).await {
         Ok(info) => Ok((StatusCode::CREATED, Json(info))),
         Err(err @ CreateError::Full(_)) => {
+            tracing::warn!("{err}");
             Err(ApiFailure::new(ErrorCode::TooManyStreams, err.to_string()))
         }
         Err(err @ CreateError::Dial { .. }) => {
             Err(ApiFailure::new(ErrorCode::DialFailed, err.to_string()))
         }
     }
+}
+
+/// `GET /healthz`: 200 "ok" while the agent serves. No token: it says nothing but that the
+/// agent is up, for load balancers and supervisors.
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// `GET /metrics`: the Prometheus text exposition format.
+async fn metrics(_auth: Authorized, State(shared): State<Arc<Shared>>) -> Response {
+    let (streams, connected) = shared.registry.counts();
+    let text = shared.metrics.render(streams, connected);
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        text,
+    )
+        .into_response()
 }
 
 /// `GET /v1/streams`.

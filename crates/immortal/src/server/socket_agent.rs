@@ -23,6 +23,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use super::metrics::Metrics;
 use super::registry::{CreateError, Registry};
 use super::upgrade::attach;
 use crate::runtime_dir::{FileLock, RuntimeDir, RuntimeDirError};
@@ -133,6 +134,7 @@ pub struct SocketAgent {
     socket: PathBuf,
     config: SocketAgentConfig,
     registry: Registry,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     _lock: FileLock,
 }
@@ -175,17 +177,22 @@ impl SocketAgent {
         let listener =
             UnixListener::bind(&socket).map_err(io_error("cannot listen on", &socket))?;
         let shutdown = CancellationToken::new();
+        let metrics = Arc::new(Metrics::default());
         let registry = Registry::new(
             config.max_streams,
             config.ttl,
+            // A new stream is safe from eviction while its creator's HELLO may still come.
+            config.handshake_timeout,
             config.session_options(),
             shutdown.clone(),
+            Arc::clone(&metrics),
         );
         Ok(SocketAgent {
             listener,
             socket,
             config,
             registry,
+            metrics,
             shutdown,
             _lock: lock,
         })
@@ -223,6 +230,7 @@ impl SocketAgent {
                     tokio::spawn(serve(
                         stream,
                         self.registry.clone(),
+                        Arc::clone(&self.metrics),
                         self.config.handshake_timeout,
                         self.shutdown.clone(),
                         pending,
@@ -294,6 +302,7 @@ async fn idle_for(
 async fn serve(
     mut io: UnixStream,
     registry: Registry,
+    metrics: Arc<Metrics>,
     timeout: Duration,
     shutdown: CancellationToken,
     pending: Pending,
@@ -355,8 +364,10 @@ async fn serve(
     // From here on the stream (not the request) keeps the agent busy.
     drop(pending);
     let io: BoxIo = Box::new(io);
+    // No attach key and no connection ticket: whoever can open the socket is the user, and
+    // the stream's session secret proves each resume.
     shutdown
-        .run_until_cancelled(attach(&stream, io, timeout))
+        .run_until_cancelled(attach(&stream, io, None, timeout, &metrics))
         .await;
 }
 

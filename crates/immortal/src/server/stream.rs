@@ -23,6 +23,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::metrics::Metrics;
 use super::registry::{Registry, RemovalReason, StreamEvent};
 use crate::api::StreamInfo;
 
@@ -50,6 +51,10 @@ pub(crate) struct Stream {
     stop: CancellationToken,
     /// Where the first new session goes; taken by the handshake that creates it.
     first_session: Mutex<Option<oneshot::Sender<Session>>>,
+    /// The secret every upgrade must present: given to the creator only.
+    attach_key: String,
+    /// Counters of the whole agent, which this stream's bytes add to.
+    metrics: Arc<Metrics>,
 }
 
 #[derive(Debug, Default)]
@@ -76,8 +81,10 @@ impl Stream {
         name: Option<String>,
         options: SessionOptions,
         stop: CancellationToken,
+        metrics: Arc<Metrics>,
     ) -> (Arc<Stream>, oneshot::Receiver<Session>) {
         let id = new_id();
+        let attach_key = new_id();
         let name = name.unwrap_or_else(|| format!("port-{port}-{}", &id[..6]));
         let (first_session, session_rx) = oneshot::channel();
         let stream = Stream {
@@ -93,6 +100,8 @@ impl Stream {
             bytes_from_service: AtomicU64::new(0),
             stop,
             first_session: Mutex::new(Some(first_session)),
+            attach_key,
+            metrics,
         };
         (Arc::new(stream), session_rx)
     }
@@ -115,6 +124,32 @@ impl Stream {
     /// Whether a client is attached now.
     pub(crate) fn is_connected(&self) -> bool {
         self.status().connected
+    }
+
+    /// Whether `presented` is this stream's attach key (compared in constant time).
+    pub(crate) fn verify_attach_key(&self, presented: &str) -> bool {
+        use subtle::ConstantTimeEq;
+        presented.len() == self.attach_key.len()
+            && bool::from(presented.as_bytes().ct_eq(self.attach_key.as_bytes()))
+    }
+
+    /// Whether the stream may be evicted to make room: no client attached now, and not a
+    /// stream created less than `grace` ago that its creator has yet to attach (evicting that
+    /// one would fail a client that did nothing wrong).
+    pub(crate) fn is_evictable(&self, grace: Duration) -> bool {
+        let status = self.status();
+        if status.connected {
+            return false;
+        }
+        status.last_connected_at.is_some() || self.created.elapsed() >= grace
+    }
+
+    /// The answer to the create request: the stream's description with its attach key.
+    pub(crate) fn creation_info(&self) -> StreamInfo {
+        StreamInfo {
+            attach_key: Some(self.attach_key.clone()),
+            ..self.info()
+        }
     }
 
     /// Since when the stream has had no client: the later of its creation and its last
@@ -156,6 +191,7 @@ impl Stream {
             connected: status.connected,
             bytes_to_service: self.bytes_to_service.load(Ordering::Relaxed),
             bytes_from_service: self.bytes_from_service.load(Ordering::Relaxed),
+            attach_key: None,
         }
     }
 
@@ -236,6 +272,9 @@ impl Stream {
                     .await
                     .map_err(CarryError::Local)?;
                 self.bytes_to_service.fetch_add(n as u64, Ordering::Relaxed);
+                self.metrics
+                    .bytes_to_services
+                    .fetch_add(n as u64, Ordering::Relaxed);
             }
         };
         let from_service = async {
@@ -257,6 +296,9 @@ impl Stream {
                     }
                 }
                 self.bytes_from_service
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                self.metrics
+                    .bytes_from_services
                     .fetch_add(n as u64, Ordering::Relaxed);
             }
         };

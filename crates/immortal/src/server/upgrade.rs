@@ -17,7 +17,7 @@ use std::time::Duration;
 use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use backedpipe::proto::{CloseCode, Frame, Hello};
+use backedpipe::proto::{CloseCode, Frame, FrameHeader, FrameType, Hello, HEADER_LEN};
 use backedpipe::{Accepted, BoxIo};
 use bytes::{Buf, Bytes};
 use hyper_util::rt::TokioIo;
@@ -26,10 +26,12 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 
+use super::connections::Ticket;
+use super::metrics::Metrics;
 use super::routes::{ApiFailure, Authorized};
 use super::stream::Stream;
-use super::Shared;
-use crate::api::{ErrorCode, UPGRADE_PROTOCOL};
+use super::{ConnectionTicket, Shared};
+use crate::api::{ErrorCode, ATTACH_KEY_HEADER, UPGRADE_PROTOCOL};
 use crate::ws_io::WsIo;
 
 /// The largest WebSocket message (and frame) the agent accepts. Clients send at most 64 KiB
@@ -37,9 +39,18 @@ use crate::ws_io::WsIo;
 /// misbehaving one can make the agent buffer.
 const MAX_WS_MESSAGE: usize = 1 << 20;
 
-/// How much of the upgraded stream is read looking for the client's HELLO before giving it to
-/// the session handshake as it is (which then refuses it).
-const HELLO_PEEK_LIMIT: usize = 4096;
+/// The most bytes the agent buffers for a WebSocket's writes (pongs and close messages
+/// included) before it gives up on a peer that does not read: a client's 64 KiB messages fit
+/// with room to spare.
+const MAX_WS_WRITE_BUFFER: usize = 256 * 1024;
+
+/// The WebSocket write buffer below which messages are only queued (tungstenite's default
+/// is 128 KiB; it must stay below [`MAX_WS_WRITE_BUFFER`]).
+const WS_WRITE_BUFFER: usize = 64 * 1024;
+
+/// How long sending a refusal (a session CLOSE) may take: a peer that does not read cannot
+/// hold the task that refuses it.
+const REFUSAL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How the client asked to carry the stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +74,25 @@ pub(super) async fn connect(
         .get(&id)
         .ok_or_else(|| ApiFailure::stream_not_found(&id))?;
     let carrier = carrier(request.headers())?;
+    let key = request
+        .headers()
+        .get(ATTACH_KEY_HEADER)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default();
+    if !stream.verify_attach_key(key) {
+        Metrics::bump(&shared.metrics.refused_handshakes);
+        tracing::info!(
+            id = stream.id(),
+            "refused an upgrade without the stream's attach key"
+        );
+        return Err(ApiFailure::new(
+            ErrorCode::AttachRefused,
+            format!(
+                "only the client that created the stream can attach to it (the `{ATTACH_KEY_HEADER}` \
+                 header must carry the attach key of the create response)"
+            ),
+        ));
+    }
     let mut response = StatusCode::SWITCHING_PROTOCOLS.into_response();
     let headers = response.headers_mut();
     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -82,6 +112,12 @@ pub(super) async fn connect(
     let on_upgrade = hyper::upgrade::on(&mut request);
     let timeout = shared.handshake_timeout;
     let shutdown = shared.shutdown.clone();
+    let metrics = shared.metrics.clone();
+    // The upgraded connection keeps its slot under the connection cap for as long as it lives.
+    let ticket = request
+        .extensions()
+        .get::<ConnectionTicket>()
+        .map(|ConnectionTicket(ticket)| ticket.clone());
     tokio::spawn(async move {
         let upgraded = match on_upgrade.await {
             Ok(upgraded) => TokioIo::new(upgraded),
@@ -95,13 +131,15 @@ pub(super) async fn connect(
             Carrier::WebSocket => {
                 let config = WebSocketConfig::default()
                     .max_message_size(Some(MAX_WS_MESSAGE))
-                    .max_frame_size(Some(MAX_WS_MESSAGE));
+                    .max_frame_size(Some(MAX_WS_MESSAGE))
+                    .write_buffer_size(WS_WRITE_BUFFER)
+                    .max_write_buffer_size(MAX_WS_WRITE_BUFFER);
                 let ws = WebSocketStream::from_raw_socket(upgraded, Role::Server, Some(config));
                 Box::new(WsIo::new(ws.await))
             }
         };
         shutdown
-            .run_until_cancelled(attach(&stream, io, timeout))
+            .run_until_cancelled(attach(&stream, io, ticket, timeout, &metrics))
             .await;
     });
     Ok(response)
@@ -162,14 +200,32 @@ fn websocket_key(headers: &HeaderMap) -> Result<&str, ApiFailure> {
 
 /// Runs the session handshake on an upgraded connection of `stream` (or on a connection to
 /// the agent's Unix socket, after its request line).
-pub(super) async fn attach(stream: &Stream, mut io: BoxIo, timeout: Duration) {
+pub(super) async fn attach(
+    stream: &Stream,
+    mut io: BoxIo,
+    ticket: Option<Arc<Ticket>>,
+    timeout: Duration,
+    metrics: &Metrics,
+) {
+    let refused = || Metrics::bump(&metrics.refused_handshakes);
     let (is_new, hello) = match tokio::time::timeout(timeout, read_hello(&mut io)).await {
-        Ok(Ok(peeked)) => peeked,
+        Ok(Ok(Hello0::Hello { is_new, bytes })) => (is_new, bytes),
+        Ok(Ok(Hello0::NotHello { code, reason })) => {
+            refused();
+            tracing::debug!(
+                id = stream.id(),
+                reason,
+                "refused a first frame that is no HELLO"
+            );
+            refuse(io, code, reason).await;
+            return;
+        }
         Ok(Err(err)) => {
             tracing::debug!(id = stream.id(), %err, "connection lost before its hello");
             return;
         }
         Err(_) => {
+            refused();
             tracing::debug!(id = stream.id(), "no hello within the handshake timeout");
             refuse(io, CloseCode::ProtocolViolation, "handshake timed out").await;
             return;
@@ -178,21 +234,27 @@ pub(super) async fn attach(stream: &Stream, mut io: BoxIo, timeout: Duration) {
     let io: BoxIo = Box::new(Replay {
         prefix: Bytes::from(hello),
         io,
+        _ticket: ticket,
     });
     if !is_new {
         // A resume (or something the handshake will refuse with the right CLOSE).
         match stream.sessions().accept(io).await {
             Ok(Accepted::Resumed(session)) => {
+                Metrics::bump(&metrics.resumes);
                 tracing::debug!(id = stream.id(), %session, "session resumed");
             }
             Ok(other) => {
                 tracing::warn!(id = stream.id(), ?other, "unexpected handshake outcome");
             }
-            Err(err) => tracing::debug!(id = stream.id(), %err, "resume refused"),
+            Err(err) => {
+                refused();
+                tracing::debug!(id = stream.id(), %err, "resume refused");
+            }
         }
         return;
     }
     let Some(claim) = stream.claim_first_session() else {
+        refused();
         tracing::info!(
             id = stream.id(),
             "refused a second new session on a stream that has one"
@@ -215,40 +277,90 @@ pub(super) async fn attach(stream: &Stream, mut io: BoxIo, timeout: Duration) {
             tracing::warn!(id = stream.id(), ?other, "unexpected handshake outcome");
         }
         Err(err) => {
+            refused();
             stream.unclaim(claim);
             tracing::debug!(id = stream.id(), %err, "new session handshake failed");
         }
     }
 }
 
-/// Reads until the first frame is whole (or clearly not a frame); returns whether it asks
-/// for a new session, and every byte read.
-async fn read_hello(io: &mut BoxIo) -> io::Result<(bool, Vec<u8>)> {
+/// What the client sent first on an upgraded connection.
+#[derive(Debug)]
+enum Hello0 {
+    /// A whole HELLO frame: whether it asks for a new session, and every byte read (the frame,
+    /// and anything the client sent after it).
+    Hello { is_new: bool, bytes: Vec<u8> },
+    /// Something else, refused at its header: the CLOSE to send.
+    NotHello {
+        code: CloseCode,
+        reason: &'static str,
+    },
+}
+
+/// Reads the client's first frame, which must be a HELLO. Its header is checked as soon as it
+/// is in: a frame of another type, or a length no HELLO has, is refused there, before any of
+/// its payload is read, so at most a HELLO's worth of bytes is ever buffered here.
+async fn read_hello(io: &mut BoxIo) -> io::Result<Hello0> {
     let mut buf = Vec::with_capacity(64);
+    let mut wanted = HEADER_LEN;
     loop {
-        match Frame::decode(&buf) {
-            Ok(Some((Frame::Hello(Hello::NewSession), _))) => return Ok((true, buf)),
-            Ok(Some(_)) | Err(_) => return Ok((false, buf)),
-            Ok(None) if buf.len() >= HELLO_PEEK_LIMIT => return Ok((false, buf)),
-            Ok(None) => {}
+        while buf.len() < wanted {
+            // Never more than the frame: the buffer cannot grow past a HELLO.
+            let mut limited = (&mut *io).take((wanted - buf.len()) as u64);
+            if limited.read_buf(&mut buf).await? == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
         }
-        if io.read_buf(&mut buf).await? == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
+        if wanted == HEADER_LEN {
+            let mut header = [0u8; HEADER_LEN];
+            header.copy_from_slice(&buf[..HEADER_LEN]);
+            match FrameHeader::parse(header) {
+                Ok(header) if header.frame_type == FrameType::Hello => {
+                    wanted = HEADER_LEN + header.length as usize;
+                    continue;
+                }
+                Ok(_) => {
+                    return Ok(Hello0::NotHello {
+                        code: CloseCode::ProtocolViolation,
+                        reason: "the first frame must be a HELLO",
+                    })
+                }
+                Err(err) => {
+                    return Ok(Hello0::NotHello {
+                        code: err.close_code(),
+                        reason: "the first frame's header is not a HELLO's",
+                    })
+                }
+            }
         }
+        let is_new = matches!(
+            Frame::decode(&buf),
+            Ok(Some((Frame::Hello(Hello::NewSession), _)))
+        );
+        // A malformed HELLO goes to the handshake, which refuses it with the right CLOSE.
+        return Ok(Hello0::Hello { is_new, bytes: buf });
     }
 }
 
-/// Sends CLOSE and ends the connection.
+/// Sends CLOSE and ends the connection, within [`REFUSAL_TIMEOUT`] (a peer that does not
+/// read gets nothing more).
 async fn refuse(mut io: BoxIo, code: CloseCode, reason: &str) {
     let close = Frame::close(code, reason).to_vec();
-    let _ = io.write_all(&close).await;
-    let _ = io.shutdown().await;
+    let send = async {
+        io.write_all(&close).await?;
+        io.shutdown().await
+    };
+    if tokio::time::timeout(REFUSAL_TIMEOUT, send).await.is_err() {
+        tracing::debug!("the refused peer does not read; dropping it");
+    }
 }
 
-/// A transport whose first bytes were already read: they are read again first.
+/// A transport whose first bytes were already read: they are read again first. It holds the
+/// connection's slot under the connection cap until it is dropped.
 struct Replay {
     prefix: Bytes,
     io: BoxIo,
+    _ticket: Option<Arc<Ticket>>,
 }
 
 impl AsyncRead for Replay {
@@ -351,11 +463,19 @@ mod tests {
         client.write_all(&hello).await.unwrap();
         client.write_all(b"more").await.unwrap();
         let mut io: BoxIo = Box::new(server);
-        let (is_new, peeked) = read_hello(&mut io).await.unwrap();
+        let Hello0::Hello {
+            is_new,
+            bytes: peeked,
+        } = read_hello(&mut io).await.unwrap()
+        else {
+            panic!("a HELLO not seen");
+        };
         assert!(is_new);
+        assert_eq!(peeked, hello, "nothing past the HELLO is read");
         let mut replay = Replay {
             prefix: Bytes::from(peeked),
             io,
+            _ticket: None,
         };
         let mut again = vec![0u8; hello.len() + 4];
         replay.read_exact(&mut again).await.unwrap();
@@ -364,18 +484,52 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn anything_but_a_new_session_hello_goes_to_the_handshake_as_it_is() {
+    async fn a_first_frame_that_is_no_hello_is_refused_at_its_header() {
+        // Not a frame at all.
         let (mut client, server) = tokio::io::duplex(1024);
         client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
         let mut io: BoxIo = Box::new(server);
-        let (is_new, peeked) = read_hello(&mut io).await.unwrap();
-        assert!(!is_new);
-        assert!(!peeked.is_empty());
+        assert!(matches!(
+            read_hello(&mut io).await.unwrap(),
+            Hello0::NotHello { .. }
+        ));
+        // A DATA frame announcing 1 MiB: refused on its 5 header bytes, none of the payload
+        // awaited (the duplex holds only the header; waiting for more would hang the test).
+        let (mut client, server) = tokio::io::duplex(1024);
+        client
+            .write_all(&[0x01, 0x00, 0x10, 0x00, 0x00])
+            .await
+            .unwrap();
+        let mut io: BoxIo = Box::new(server);
+        assert!(matches!(
+            read_hello(&mut io).await.unwrap(),
+            Hello0::NotHello {
+                code: CloseCode::ProtocolViolation,
+                ..
+            }
+        ));
+        // A PING before the handshake (a peer flooding pings and never reading).
+        let (mut client, server) = tokio::io::duplex(1024);
+        client.write_all(&Frame::ping(7).to_vec()).await.unwrap();
+        let mut io: BoxIo = Box::new(server);
+        assert!(matches!(
+            read_hello(&mut io).await.unwrap(),
+            Hello0::NotHello { .. }
+        ));
         drop(client);
         let mut io: BoxIo = Box::new(tokio::io::empty());
         assert!(
             read_hello(&mut io).await.is_err(),
             "end of stream before a hello"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refusal_to_a_peer_that_does_not_read_gives_up_in_time() {
+        // A pipe with a 1-byte buffer that nobody reads: the CLOSE can never be sent.
+        let (_client, server) = tokio::io::duplex(1);
+        let started = tokio::time::Instant::now();
+        refuse(Box::new(server), CloseCode::ProtocolViolation, "no").await;
+        assert_eq!(started.elapsed(), REFUSAL_TIMEOUT);
     }
 }
