@@ -271,6 +271,48 @@ async fn an_oversized_frame_in_place_of_hello_gets_frame_too_large() {
     .await;
 }
 
+/// A peer that floods PINGs and never reads what we send cannot make us queue PONGs: the
+/// server keeps reading (the flood gets through), and what it owes the peer afterwards is what
+/// the transport took plus one PONG, not a PONG per PING.
+#[tokio::test(start_paused = true)]
+async fn a_peer_flooding_pings_without_reading_gets_one_pong_not_a_queue() {
+    guarded(async {
+        let table = SessionServer::new(options());
+        let (client, server) = live_session(&table).await;
+        let (mut peer, session, _, _) = raw_session(&table).await;
+        // 24 MiB of PINGs (2 million frames), six times what the transport holds.
+        let pings: Vec<u8> = (0..1u64 << 16)
+            .flat_map(|n| Frame::ping(n).to_vec())
+            .collect();
+        let rounds = (24 << 20) / pings.len();
+        for _ in 0..rounds {
+            peer.io.write_all(&pings).await.unwrap();
+        }
+        // Now read what the server sent meanwhile.
+        let mut pongs = 0usize;
+        let mut bytes = 0usize;
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(Ok(n @ 1..)) =
+            tokio::time::timeout(Duration::from_millis(100), peer.io.read(&mut buf)).await
+        {
+            bytes += n;
+            peer.decoder.push(&buf[..n]);
+            while let Some(frame) = peer.decoder.next_frame().unwrap() {
+                pongs += usize::from(matches!(frame, Frame::Pong(_)));
+            }
+        }
+        let sent = rounds * pings.len() / 13;
+        assert!(
+            bytes <= 4 * 1024 * 1024 + 64,
+            "{bytes} bytes owed to a peer that sent {sent} PINGs"
+        );
+        assert!(pongs < sent / 10, "{pongs} PONGs for {sent} PINGs");
+        assert!(matches!(session.state(), PipeState::Connected));
+        assert_undisturbed(&client, &server).await;
+    })
+    .await;
+}
+
 /// A peer that has proved nothing cannot make the server buffer a frame a handshake never
 /// needs: a DATA header announcing 1 MiB (a size DATA may have) in place of HELLO is refused on
 /// its five bytes.

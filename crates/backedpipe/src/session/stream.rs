@@ -86,7 +86,6 @@ pub struct Session {
 #[derive(Debug)]
 struct Handle {
     shared: Arc<Shared>,
-    id: SessionId,
     close_timeout: Duration,
 }
 
@@ -129,19 +128,14 @@ impl Session {
             max_attempts: pipe.max_reconnect_attempts,
         };
         runtime.spawn(Driver::new(shared.clone(), Some(resumer), None).run());
-        Ok(Session::new(
-            shared,
-            established.session_id(),
-            options.close_timeout,
-        ))
+        Ok(Session::new(shared, options.close_timeout))
     }
 
     /// A handle on a session whose driver runs.
-    pub(crate) fn new(shared: Arc<Shared>, id: SessionId, close_timeout: Duration) -> Session {
+    pub(crate) fn new(shared: Arc<Shared>, close_timeout: Duration) -> Session {
         Session {
             handle: Arc::new(Handle {
                 shared,
-                id,
                 close_timeout,
             }),
         }
@@ -153,7 +147,7 @@ impl Session {
 
     /// The session's id (not secret: it names the session, the secret proves it).
     pub fn id(&self) -> SessionId {
-        self.handle.id
+        self.shared().lock().conn.id()
     }
 
     /// How many transports have carried the session so far (1 once connected; each resume
