@@ -208,11 +208,7 @@ impl SessionServer {
                 };
                 tokio::spawn(Driver::new(shared.clone(), None, Some(registration)).run());
                 tracing::debug!(session = %id, "new session");
-                Ok(Accepted::New(Session::new(
-                    shared,
-                    id,
-                    options.close_timeout,
-                )))
+                Ok(Accepted::New(Session::new(shared, options.close_timeout)))
             }
             HelloOutcome::Resume(verified) => self.resume(io, decoder, verified).await,
         }
