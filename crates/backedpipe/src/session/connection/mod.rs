@@ -366,8 +366,10 @@ impl Connection {
         self.timers
             .set(Timer::Heartbeat, now + self.heartbeat_interval);
         self.timers.set(Timer::Idle, now + self.dead_after);
-        // The peer's offset acknowledged bytes: writers may have room.
+        // The peer's offset acknowledged bytes: writers may have room. The reader polls the
+        // new transport itself (it waited on the old one), and so does the driver.
         self.emit(Event::Writable);
+        self.emit(Event::Readable);
         self.emit(Event::ReceiveRoom);
         // Frames the handshake read past its own.
         self.process_decoder(now);
