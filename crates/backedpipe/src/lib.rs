@@ -53,6 +53,7 @@
 #![warn(missing_docs, unreachable_pub, unused_qualifications)]
 
 mod backoff;
+mod budget;
 mod cold_copy;
 mod config;
 mod error;
