@@ -10,9 +10,13 @@
 mod api_client;
 mod dial;
 mod error;
+mod network;
 mod stream;
 
 pub use self::api_client::{ApiClient, REQUEST_TIMEOUT};
 pub use self::dial::{Dialer, ServerAddr, TlsTrust, DEFAULT_PORT, DIAL_TIMEOUT};
 pub use self::error::ClientError;
-pub use self::stream::{Carrier, GoneSignal, StreamConnector};
+pub use self::network::network_changes;
+pub use self::stream::{
+    Carrier, GoneSignal, StreamConnector, ATTEMPT_TIMEOUT, FAST_PHASE, SLOW_PACE,
+};
