@@ -10,9 +10,6 @@ pub enum Component {
     Reader,
     /// The [`BackedWriter`](crate::BackedWriter).
     Writer,
-    /// A session-mode transport itself (a dead path, or the peer's CLOSE), noticed while no
-    /// read or write was in progress.
-    Transport,
 }
 
 impl fmt::Display for Component {
@@ -20,7 +17,6 @@ impl fmt::Display for Component {
         f.write_str(match self {
             Component::Reader => "reader",
             Component::Writer => "writer",
-            Component::Transport => "transport",
         })
     }
 }

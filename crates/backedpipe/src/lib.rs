@@ -56,7 +56,6 @@ mod supervisor;
 mod tls;
 mod transport;
 mod wake;
-mod window;
 mod writer;
 
 pub use backoff::Backoff;
@@ -65,11 +64,11 @@ pub use error::{BoxError, Error, Result};
 pub use event::{Component, ErrorEvent, EventSender};
 pub use pipe::{BackedPipe, OwnedReadHalf, OwnedWriteHalf, PipeState};
 pub use reader::BackedReader;
-pub use reconnector::{reconnector_fn, Connection, FnReconnector, Reconnector};
+pub use reconnector::{reconnector_fn, FnReconnector, Reconnector};
 pub use ring::ReplayBuffer;
 pub use session::{Accepted, Session, SessionListener, SessionOptions, SessionServer};
 pub use tls::{TlsAcceptor, TlsConnector, TlsError};
 #[cfg(unix)]
 pub use transport::UnixConnector;
 pub use transport::{connector_fn, BoxIo, Connector, FnConnector, Io, TcpConnector};
-pub use writer::{BackedWriter, Retention};
+pub use writer::BackedWriter;

@@ -9,7 +9,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, ReadHalf, WriteHalf};
@@ -21,55 +21,11 @@ use tracing::Instrument;
 use crate::backoff::{random_seed, Backoff};
 use crate::config::PipeConfig;
 use crate::error::{Error, Result};
-use crate::event::{Component, ErrorEvent, EventSender};
-use crate::proto::CloseCode;
 use crate::reader::BackedReader;
-use crate::reconnector::{Connection, Reconnector};
+use crate::reconnector::Reconnector;
 use crate::supervisor::{NoReconnector, Request, Supervisor};
-use crate::writer::{BackedWriter, Retention};
-
-/// Raw mode (the Go pipe) or session mode (frames, acknowledgements, end marker).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    Raw,
-    Session,
-}
-
-/// What a session-mode transport needs from the pipe it carries. A transport holds it weakly:
-/// it must not keep a closed pipe alive.
-pub(crate) trait PipeHooks: Send + Sync + 'static {
-    /// The peer has delivered our stream up to `seq`: release it from the replay buffer.
-    fn acknowledge(&self, seq: u64) -> Result<()>;
-    /// The current transport failed (the path went dead, or the peer closed or misbehaved)
-    /// while nobody was reading or writing: the pipe reconnects, or fails if `err` is terminal.
-    fn transport_lost(&self, err: io::Error);
-    /// Whether the pipe was closed locally.
-    fn is_closed(&self) -> bool;
-    /// Checks, touching nothing, that the writer can resume a peer that has read `seq` bytes.
-    fn check_replay_from(&self, seq: u64) -> Result<()>;
-}
-
-impl<C: Connection> PipeHooks for Shared<C> {
-    fn acknowledge(&self, seq: u64) -> Result<()> {
-        self.writer.acknowledge(seq)
-    }
-
-    fn transport_lost(&self, err: io::Error) {
-        let _ = self.events.send(ErrorEvent {
-            err,
-            component: Component::Transport,
-            generation: self.generation(),
-        });
-    }
-
-    fn is_closed(&self) -> bool {
-        self.closed.is_cancelled()
-    }
-
-    fn check_replay_from(&self, seq: u64) -> Result<()> {
-        self.writer.check_replay_from(seq)
-    }
-}
+use crate::transport::Io;
+use crate::writer::BackedWriter;
 
 /// Where a pipe stands, as seen by [`BackedPipe::state`] and [`BackedPipe::status`].
 #[derive(Debug, Clone)]
@@ -138,42 +94,29 @@ impl PipeState {
 /// # Ok(()) }
 /// ```
 #[derive(Debug)]
-pub struct BackedPipe<C: Connection> {
+pub struct BackedPipe<C: Io> {
     handle: Arc<Handle<C>>,
 }
 
 /// The read half of a [`BackedPipe`], from [`BackedPipe::into_split`].
 #[derive(Debug)]
-pub struct OwnedReadHalf<C: Connection> {
+pub struct OwnedReadHalf<C: Io> {
     handle: Arc<Handle<C>>,
 }
 
 /// The write half of a [`BackedPipe`], from [`BackedPipe::into_split`].
 #[derive(Debug)]
-pub struct OwnedWriteHalf<C: Connection> {
+pub struct OwnedWriteHalf<C: Io> {
     handle: Arc<Handle<C>>,
-}
-
-/// A [`BackedPipe`] reference that does not keep it open (a server's session table).
-#[derive(Debug)]
-pub(crate) struct WeakPipe<C: Connection> {
-    handle: Weak<Handle<C>>,
-}
-
-impl<C: Connection> WeakPipe<C> {
-    /// The pipe, unless every user handle is gone.
-    pub(crate) fn upgrade(&self) -> Option<BackedPipe<C>> {
-        self.handle.upgrade().map(|handle| BackedPipe { handle })
-    }
 }
 
 /// Closes the pipe when the last user handle goes away.
 #[derive(Debug)]
-struct Handle<C: Connection> {
+struct Handle<C: Io> {
     shared: Arc<Shared<C>>,
 }
 
-impl<C: Connection> Drop for Handle<C> {
+impl<C: Io> Drop for Handle<C> {
     fn drop(&mut self) {
         self.shared.close_now();
     }
@@ -181,19 +124,17 @@ impl<C: Connection> Drop for Handle<C> {
 
 /// State shared by the user handles and the supervisor task.
 #[derive(Debug)]
-pub(crate) struct Shared<C: Connection> {
+pub(crate) struct Shared<C: Io> {
     pub(crate) reader: BackedReader<ReadHalf<C>>,
     pub(crate) writer: BackedWriter<WriteHalf<C>>,
     generation: AtomicU64,
     status: watch::Sender<PipeState>,
     requests: mpsc::UnboundedSender<Request<C>>,
-    /// Where transports report failures the reader and writer did not see (session mode).
-    events: EventSender,
     pub(crate) closed: CancellationToken,
     supervisor: Mutex<Option<JoinHandle<()>>>,
 }
 
-impl<C: Connection> BackedPipe<C> {
+impl<C: Io> BackedPipe<C> {
     /// Creates a disconnected pipe with default settings that gets its connections from
     /// `reconnector`.
     ///
@@ -212,7 +153,7 @@ impl<C: Connection> BackedPipe<C> {
         reconnector: R,
         config: PipeConfig,
     ) -> Result<Self> {
-        Self::build(Some(reconnector), config, Mode::Raw)
+        Self::build(Some(reconnector), config)
     }
 
     /// Creates a pipe with no reconnector, for the side that accepts connections: it is
@@ -223,49 +164,22 @@ impl<C: Connection> BackedPipe<C> {
     /// # Errors
     /// As for [`with_config`](Self::with_config).
     pub fn passive(config: PipeConfig) -> Result<Self> {
-        Self::build(None::<NoReconnector<C>>, config, Mode::Raw)
+        Self::build(None::<NoReconnector<C>>, config)
     }
 
-    /// A session-mode pipe (see [`Session`](crate::Session)): the writer keeps bytes until the
-    /// peer acknowledges them, shutdown sends the transport's end marker, and the transport's
-    /// end-of-stream ends reads. Passive without a reconnector.
-    pub(crate) fn session_mode<R: Reconnector<Conn = C>>(
-        reconnector: Option<R>,
-        config: PipeConfig,
-    ) -> Result<Self> {
-        Self::build(reconnector, config, Mode::Session)
-    }
-
-    fn build<R: Reconnector<Conn = C>>(
-        reconnector: Option<R>,
-        config: PipeConfig,
-        mode: Mode,
-    ) -> Result<Self> {
+    fn build<R: Reconnector<Conn = C>>(reconnector: Option<R>, config: PipeConfig) -> Result<Self> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
         let (event_tx, event_rx) = mpsc::unbounded_channel();
         let (request_tx, request_rx) = mpsc::unbounded_channel();
-        let retention = match mode {
-            Mode::Raw => Retention::EvictOldest,
-            Mode::Session => Retention::UntilAcked,
-        };
         let shared = Arc::new(Shared {
-            writer: BackedWriter::with_retention(
-                config.buffer_capacity,
-                retention,
-                event_tx.clone(),
-            )?,
+            writer: BackedWriter::new(config.buffer_capacity, event_tx.clone())?,
             reader: BackedReader::new(event_tx.clone()),
             generation: AtomicU64::new(0),
             status: watch::Sender::new(PipeState::Disconnected),
             requests: request_tx,
-            events: event_tx,
             closed: CancellationToken::new(),
             supervisor: Mutex::new(None),
         });
-        if mode == Mode::Session {
-            shared.writer.set_end_marker();
-            shared.reader.set_eof_is_end();
-        }
         let backoff = Backoff::new(
             config.backoff_initial,
             config.backoff_max,
@@ -293,52 +207,6 @@ impl<C: Connection> BackedPipe<C> {
 
     fn shared(&self) -> &Shared<C> {
         &self.handle.shared
-    }
-
-    /// A passive session-mode pipe, for the server side.
-    pub(crate) fn passive_session(config: PipeConfig) -> Result<Self> {
-        Self::build(None::<NoReconnector<C>>, config, Mode::Session)
-    }
-
-    /// Session mode: the peer is expected to acknowledge about every `bytes` bytes (see the
-    /// writer's in-flight window).
-    pub(crate) fn set_ack_interval(&self, bytes: u64) {
-        self.shared().writer.set_ack_interval(bytes);
-    }
-
-    /// A handle that does not keep the pipe open.
-    pub(crate) fn downgrade(&self) -> WeakPipe<C> {
-        WeakPipe {
-            handle: Arc::downgrade(&self.handle),
-        }
-    }
-
-    /// Fails the pipe for good with `err` (a server expiring a session).
-    pub(crate) fn fail(&self, err: Error) {
-        self.shared().fail(err);
-    }
-
-    /// The writer's shutdown (FIN in session mode), for `&self` callers.
-    pub(crate) fn poll_shutdown_shared(&self, cx: &mut Context<'_>) -> Poll<Result<()>> {
-        self.shared().writer.poll_shutdown(cx)
-    }
-
-    /// Ready once the peer has acknowledged every byte written (session mode), or the pipe
-    /// is closed or failed.
-    pub(crate) fn poll_acknowledged(&self, cx: &mut Context<'_>) -> Poll<()> {
-        self.shared().writer.poll_acknowledged(cx)
-    }
-
-    /// What a session-mode transport uses to reach its pipe (acknowledgements, losses).
-    pub(crate) fn hooks(&self) -> Weak<dyn PipeHooks> {
-        let shared: Arc<dyn PipeHooks> = self.handle.shared.clone();
-        Arc::downgrade(&shared)
-    }
-
-    /// Checks that the writer can resume a peer that has read `seq` bytes, without touching
-    /// anything.
-    pub(crate) fn check_replay_from(&self, seq: u64) -> Result<()> {
-        self.shared().writer.check_replay_from(seq)
     }
 
     /// Establishes the first connection through the reconnector (one call).
@@ -480,14 +348,14 @@ impl<C: Connection> BackedPipe<C> {
     }
 }
 
-impl<C: Connection> OwnedWriteHalf<C> {
+impl<C: Io> OwnedWriteHalf<C> {
     /// Closes the whole pipe, as [`BackedPipe::close`].
     pub async fn close(&self) -> Result<()> {
         self.handle.shared.close().await
     }
 }
 
-impl<C: Connection> Shared<C> {
+impl<C: Io> Shared<C> {
     /// Sends a request to the supervisor now and returns a future for its answer.
     fn request<T: Send + 'static>(
         &self,
@@ -561,14 +429,7 @@ impl<C: Connection> Shared<C> {
 
     /// Fails the pipe for good: every blocked and later read and write gets `err`.
     pub(crate) fn fail(&self, err: Error) {
-        match &err {
-            // The peer ended the session on purpose: an ending, not a fault.
-            Error::ClosedByPeer {
-                code: CloseCode::Normal,
-                ..
-            } => tracing::debug!(error = %err, "pipe ended by the peer"),
-            _ => tracing::warn!(error = %err, "pipe failed for good"),
-        }
+        tracing::warn!(error = %err, "pipe failed for good");
         self.set_state(PipeState::Failed(err.clone()));
         self.reader.fail(err.clone());
         self.writer.fail(err);
@@ -602,7 +463,7 @@ impl<C: Connection> Shared<C> {
     }
 }
 
-fn read_half_poll<C: Connection>(
+fn read_half_poll<C: Io>(
     shared: &Shared<C>,
     cx: &mut Context<'_>,
     buf: &mut ReadBuf<'_>,
@@ -610,7 +471,7 @@ fn read_half_poll<C: Connection>(
     shared.reader.poll_read(cx, buf).map_err(io::Error::from)
 }
 
-fn write_half_poll<C: Connection>(
+fn write_half_poll<C: Io>(
     shared: &Shared<C>,
     cx: &mut Context<'_>,
     buf: &[u8],
@@ -618,18 +479,18 @@ fn write_half_poll<C: Connection>(
     shared.writer.poll_write(cx, buf).map_err(io::Error::from)
 }
 
-fn flush_poll<C: Connection>(shared: &Shared<C>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+fn flush_poll<C: Io>(shared: &Shared<C>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
     shared.writer.poll_flush(cx).map_err(io::Error::from)
 }
 
-fn shutdown_poll<C: Connection>(shared: &Shared<C>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+fn shutdown_poll<C: Io>(shared: &Shared<C>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
     shared.writer.poll_shutdown(cx).map_err(io::Error::from)
 }
 
 /// Implements `AsyncRead` and `AsyncWrite` for a handle type by delegating to the shared pipe.
 macro_rules! impl_io {
     (read: $($ty:ident),*) => {$(
-        impl<C: Connection> AsyncRead for $ty<C> {
+        impl<C: Io> AsyncRead for $ty<C> {
             fn poll_read(
                 self: Pin<&mut Self>,
                 cx: &mut Context<'_>,
@@ -644,7 +505,7 @@ macro_rules! impl_io {
         /// [`BackedWriter::poll_write`]). Raw mode has no end-of-stream marker, so
         /// `poll_shutdown` only flushes there (the peer would take a transport shutdown for a
         /// drop); in session mode it sends FIN (see [`BackedWriter::poll_shutdown`]).
-        impl<C: Connection> AsyncWrite for $ty<C> {
+        impl<C: Io> AsyncWrite for $ty<C> {
             fn poll_write(
                 self: Pin<&mut Self>,
                 cx: &mut Context<'_>,

@@ -65,11 +65,6 @@ struct ReaderState<R> {
     seq: u64,
     generation: u64,
     end: End,
-    /// Session mode: end-of-stream from a source is the peer's FIN, not a loss.
-    eof_is_end: bool,
-    /// The peer ended its stream (FIN): reads return `Ok(0)`, and reconnects still happen for
-    /// the other direction.
-    finished: bool,
 }
 
 #[derive(Debug)]
@@ -91,8 +86,6 @@ impl<R: AsyncRead + Unpin> BackedReader<R> {
                 seq: 0,
                 generation: 0,
                 end: End::Open,
-                eof_is_end: false,
-                finished: false,
             }),
             waiters,
             fanout,
@@ -143,10 +136,6 @@ impl<R: AsyncRead + Unpin> BackedReader<R> {
 
     fn poll_read_inner(&self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<Result<()>> {
         let mut st = self.lock();
-        if st.finished {
-            // The peer's whole stream was delivered: a later failure cannot take that back.
-            return Poll::Ready(Ok(()));
-        }
         match &st.end {
             End::Open => {}
             End::Closed => return Poll::Ready(Ok(())),
@@ -163,10 +152,6 @@ impl<R: AsyncRead + Unpin> BackedReader<R> {
         match Pin::new(source).poll_read(&mut tcx, buf) {
             Poll::Ready(Ok(())) if buf.filled().len() > before => {
                 st.seq += (buf.filled().len() - before) as u64;
-                Poll::Ready(Ok(()))
-            }
-            Poll::Ready(Ok(())) if st.eof_is_end => {
-                st.finished = true;
                 Poll::Ready(Ok(()))
             }
             Poll::Ready(outcome) => {
@@ -222,13 +207,6 @@ impl<R: AsyncRead + Unpin> BackedReader<R> {
         drop(st);
         self.waiters.wake_all();
         seq
-    }
-
-    /// Session mode: the source's end-of-stream is the peer's end of the stream (its FIN frame),
-    /// so it ends reads instead of being reported as a failure. Transport loss then shows up as
-    /// an error from the source.
-    pub(crate) fn set_eof_is_end(&self) {
-        self.lock().eof_is_end = true;
     }
 
     /// Attaches a new source; ignored if the reader is closed.

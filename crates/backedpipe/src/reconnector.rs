@@ -2,14 +2,8 @@
 
 use std::future::Future;
 
-use tokio::io::{AsyncRead, AsyncWrite};
-
 use crate::error::BoxError;
-
-/// A transport a pipe can run over: any tokio byte stream.
-pub trait Connection: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
-
-impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection for T {}
+use crate::transport::Io;
 
 /// Establishes connections for a [`BackedPipe`](crate::BackedPipe).
 ///
@@ -45,7 +39,7 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection for T {}
 /// ```
 pub trait Reconnector: Send + Sync + 'static {
     /// The connection type produced.
-    type Conn: Connection;
+    type Conn: Io;
 
     /// Connects, exchanges sequence numbers, and returns the connection with the remote
     /// reader's sequence number.
@@ -74,7 +68,7 @@ pub fn reconnector_fn<F, Fut, C>(f: F) -> FnReconnector<F>
 where
     F: Fn(u64) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(C, u64), BoxError>> + Send,
-    C: Connection,
+    C: Io,
 {
     FnReconnector(f)
 }
@@ -83,7 +77,7 @@ impl<F, Fut, C> Reconnector for FnReconnector<F>
 where
     F: Fn(u64) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(C, u64), BoxError>> + Send,
-    C: Connection,
+    C: Io,
 {
     type Conn = C;
 

@@ -17,7 +17,8 @@ use crate::backoff::Backoff;
 use crate::error::{BoxError, Error, Result};
 use crate::event::ErrorEvent;
 use crate::pipe::{PipeState, Shared};
-use crate::reconnector::{Connection, Reconnector};
+use crate::reconnector::Reconnector;
+use crate::transport::Io;
 
 /// A request from a user handle to the supervisor.
 #[derive(Debug)]
@@ -52,7 +53,7 @@ enum Plan<C> {
 #[derive(Debug)]
 pub(crate) struct NoReconnector<C>(PhantomData<fn() -> C>);
 
-impl<C: Connection> Reconnector for NoReconnector<C> {
+impl<C: Io> Reconnector for NoReconnector<C> {
     type Conn = C;
 
     fn reconnect(&self, _: u64) -> impl Future<Output = Result<(C, u64), BoxError>> + Send {
@@ -304,7 +305,7 @@ async fn reconnect_once<R: Reconnector>(shared: &Shared<R::Conn>, reconnector: &
 }
 
 /// Applies the outcome of an attempt to the pipe's state.
-fn settle<C: Connection>(shared: &Shared<C>, result: Result<()>) -> Result<()> {
+fn settle<C: Io>(shared: &Shared<C>, result: Result<()>) -> Result<()> {
     if let Err(err) = &result {
         if err.is_terminal() {
             shared.fail(err.clone());

@@ -20,7 +20,6 @@ use crate::error::{Error, Result};
 use crate::event::{Component, ErrorEvent, EventSender};
 use crate::ring::ReplayBuffer;
 use crate::wake::WaitList;
-use crate::window::InflightWindow;
 
 /// A writer that survives the loss of its transport.
 ///
@@ -54,28 +53,9 @@ pub struct BackedWriter<W> {
     events: EventSender,
 }
 
-/// How long the writer keeps the bytes it sent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Retention {
-    /// Keep the newest `capacity` bytes, evicting the oldest (the Go package; raw mode). A peer
-    /// more than `capacity` bytes behind cannot resume.
-    #[default]
-    EvictOldest,
-    /// Keep every byte until the peer acknowledges it with
-    /// [`acknowledge`](BackedWriter::acknowledge); writes wait while `capacity` bytes are
-    /// unacknowledged (session mode). Nothing unacknowledged is ever dropped, and memory stays
-    /// bounded by the capacity whatever the peer does. Writes also wait while more is
-    /// unacknowledged than the path needs in flight (three times the measured delivery rate
-    /// times the minimum round trip, at least 256 KiB and four of the peer's acknowledgement
-    /// intervals, but 128 KiB for a round trip every 10 s while the round trip is
-    /// re-measured), which keeps the buffer in the CPU's caches on short paths.
-    UntilAcked,
-}
-
 #[derive(Debug)]
 struct WriterState<W> {
     ring: ReplayBuffer,
-    retention: Retention,
     transport: Option<W>,
     link: Link,
     /// Bytes handed to the current transport (meaningful while `link` is not `Down`).
@@ -83,19 +63,6 @@ struct WriterState<W> {
     generation: u64,
     /// Set once the writer is closed or has failed for good; what writes then return.
     closed: Option<Error>,
-    /// Session mode: shutdown ends the stream with the transport's own end marker (FIN).
-    end_marker: bool,
-    /// Shut down for writing: the end marker follows the data on every transport from now on.
-    shut_down: bool,
-    /// A write is waiting for acknowledgements to make room, or a close for everything to be
-    /// acknowledged (only then does an acknowledgement need to wake anyone; a write waiting
-    /// for its transport is woken by it).
-    room_wanted: bool,
-    /// Session mode: the in-flight window of the current transport, which keeps fewer bytes
-    /// unacknowledged than the capacity allows when the path needs fewer.
-    window: Option<InflightWindow>,
-    /// Session mode: how often the peer is expected to acknowledge, for the first window.
-    ack_interval: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,48 +82,15 @@ impl<W: AsyncWrite + Unpin> BackedWriter<W> {
     /// # Errors
     /// [`Error::InvalidCapacity`] if `capacity` is zero.
     pub fn new(capacity: usize, events: EventSender) -> Result<Self> {
-        Self::with_retention(capacity, Retention::EvictOldest, events)
-    }
-
-    /// Creates a disconnected writer that keeps its bytes as `retention` says.
-    ///
-    /// ```
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), backedpipe::Error> {
-    /// use backedpipe::{BackedWriter, Retention};
-    ///
-    /// let (events, _failures) = tokio::sync::mpsc::unbounded_channel();
-    /// let writer = BackedWriter::with_retention(4, Retention::UntilAcked, events)?;
-    /// writer.reconnect(0, tokio::io::sink()).await?;
-    /// writer.write(b"full").await?; // the buffer is now full: a fifth byte would wait
-    /// writer.acknowledge(3)?; // the peer has three of them
-    /// writer.write(b"!").await?;
-    /// assert_eq!(writer.buffered().0, 2);
-    /// # Ok(()) }
-    /// ```
-    ///
-    /// # Errors
-    /// [`Error::InvalidCapacity`] if `capacity` is zero.
-    pub fn with_retention(
-        capacity: usize,
-        retention: Retention,
-        events: EventSender,
-    ) -> Result<Self> {
         let (waiters, fanout) = WaitList::new();
         Ok(BackedWriter {
             state: Mutex::new(WriterState {
                 ring: ReplayBuffer::new(capacity)?,
-                retention,
                 transport: None,
                 link: Link::Down,
                 sent_seq: 0,
                 generation: 0,
                 closed: None,
-                end_marker: false,
-                shut_down: false,
-                room_wanted: false,
-                window: None,
-                ack_interval: 0,
             }),
             waiters,
             fanout,
@@ -178,50 +112,6 @@ impl<W: AsyncWrite + Unpin> BackedWriter<W> {
     /// Sets the connection generation carried by this writer's [`ErrorEvent`]s.
     pub fn set_generation(&self, generation: u64) {
         self.lock().generation = generation;
-    }
-
-    /// The peer has received every byte before `seq`: they are released from the replay
-    /// buffer, and writes waiting for room wake up.
-    ///
-    /// # Errors
-    /// [`Error::FutureSequence`] if `seq` is beyond the bytes written (the peer is lying);
-    /// nothing is released.
-    pub fn acknowledge(&self, seq: u64) -> Result<()> {
-        let mut st = self.lock();
-        if seq > st.ring.end_seq() {
-            return Err(Error::FutureSequence {
-                requested: seq,
-                written: st.ring.end_seq(),
-            });
-        }
-        st.ring.trim_to(seq);
-        if let Some(window) = st.window.as_mut() {
-            window.on_ack(now(), seq);
-        }
-        let wake = std::mem::take(&mut st.room_wanted);
-        drop(st);
-        if wake {
-            self.waiters.wake_all();
-        }
-        Ok(())
-    }
-
-    /// Ready once every byte written has been acknowledged (trimmed from the replay buffer),
-    /// or the writer is closed. Only meaningful under [`Retention::UntilAcked`].
-    pub(crate) fn poll_acknowledged(&self, cx: &mut Context<'_>) -> Poll<()> {
-        let mut st = self.lock();
-        if st.ring.is_empty() || st.closed.is_some() {
-            return Poll::Ready(());
-        }
-        // Registered under the lock: an acknowledgement after it sees the flag and wakes us.
-        st.room_wanted = true;
-        self.waiters.register(cx.waker());
-        Poll::Pending
-    }
-
-    /// Checks that a peer that has read `seq` bytes can be resumed, touching nothing.
-    pub(crate) fn check_replay_from(&self, seq: u64) -> Result<()> {
-        self.lock().ring.check_replay_from(seq)
     }
 
     /// Bytes held for replay, and bytes of memory committed to hold them.
@@ -277,50 +167,13 @@ impl<W: AsyncWrite + Unpin> BackedWriter<W> {
         }
     }
 
-    /// Ends the stream for writing. In session mode the transport's shutdown sends the end
-    /// marker (FIN) after all data, and every later transport gets it again after its replay,
-    /// so the peer reads end-of-stream exactly once all bytes arrived. In raw mode there is no
-    /// end marker (a transport shutdown would look like a drop), so this only flushes. Waits while
-    /// disconnected.
+    /// Ends the stream for writing. Raw mode has no end marker (a transport shutdown would
+    /// look like a drop), so this only flushes the transport. Waits while disconnected.
     ///
     /// # Errors
-    /// The writer's close or failure error. Later writes fail with
-    /// [`Error::WriteAfterShutdown`] (session mode).
+    /// The writer's close or failure error.
     pub fn poll_shutdown(&self, cx: &mut Context<'_>) -> Poll<Result<()>> {
-        let mut st = self.lock();
-        if let Some(err) = &st.closed {
-            return Poll::Ready(Err(err.clone()));
-        }
-        st.shut_down |= st.end_marker;
-        let mut tcx = self.waiters.context(cx, &self.fanout);
-        let end_marker = st.end_marker;
-        let (Link::Up, Some(transport)) = (st.link, st.transport.as_mut()) else {
-            return Poll::Pending;
-        };
-        let outcome = if end_marker {
-            ready!(Pin::new(transport).poll_shutdown(&mut tcx))
-        } else {
-            ready!(Pin::new(transport).poll_flush(&mut tcx))
-        };
-        match outcome {
-            Ok(()) => Poll::Ready(Ok(())),
-            Err(err) => {
-                self.transport_failed(&mut st, err);
-                Poll::Pending
-            }
-        }
-    }
-
-    /// Session mode: shutdown sends the transport's end marker (see
-    /// [`poll_shutdown`](Self::poll_shutdown)).
-    pub(crate) fn set_end_marker(&self) {
-        self.lock().end_marker = true;
-    }
-
-    /// Session mode: the peer is expected to acknowledge about every `bytes` bytes, which the
-    /// first transport's in-flight window allows for until it has measured the peer.
-    pub(crate) fn set_ack_interval(&self, bytes: u64) {
-        self.lock().ack_interval = bytes;
+        self.poll_flush(cx)
     }
 
     /// Attaches `new_writer` and replays every byte from `replay_from` (the number of bytes the
@@ -343,19 +196,6 @@ impl<W: AsyncWrite + Unpin> BackedWriter<W> {
                 return Err(Error::WriterClosed);
             }
             st.ring.check_replay_from(replay_from)?;
-            if st.retention == Retention::UntilAcked {
-                // The peer has every byte before `replay_from`: that is an acknowledgement,
-                // and may be the only one those bytes ever get (the peer acked before
-                // the handshake, on its side of the reconnect).
-                st.ring.trim_to(replay_from);
-                // A new path (perhaps a different route): measure it afresh, keeping what was
-                // learnt about the peer.
-                let ack_interval = st
-                    .window
-                    .as_ref()
-                    .map_or(st.ack_interval, InflightWindow::ack_interval);
-                st.window = Some(InflightWindow::new(replay_from, ack_interval));
-            }
             st.transport = Some(new_writer);
             st.link = Link::Replaying;
             st.sent_seq = replay_from;
@@ -429,39 +269,13 @@ impl<W: AsyncWrite + Unpin> BackedWriter<W> {
         if let Some(err) = &st.closed {
             return Poll::Ready(Err(err.clone()));
         }
-        if st.shut_down {
-            return Poll::Ready(Err(Error::WriteAfterShutdown));
-        }
         if buf.is_empty() {
             return Poll::Ready(Ok((0, st.ring.end_seq())));
         }
         let mut tcx = self.waiters.context(cx, &self.fanout);
-        // One clock reading per write, for the window (taken before the write: see
-        // `InflightWindow::on_sent`).
-        let started = st.window.as_ref().map(|_| now());
         // While up, everything committed has been handed over, so the chunk below is the only
         // unsent data and the ring can never evict a byte the peer has not been sent.
-        let room = match st.retention {
-            Retention::EvictOldest => st.ring.capacity(),
-            Retention::UntilAcked => {
-                // The window is a threshold: a write may take it past its limit by one chunk,
-                // so frames keep the size the application writes in.
-                let limit = match (st.window.as_mut(), started) {
-                    (Some(window), Some(now)) => window.limit(now),
-                    _ => u64::MAX,
-                };
-                if st.ring.len() as u64 >= limit {
-                    0
-                } else {
-                    st.ring.free()
-                }
-            }
-        };
-        if room == 0 {
-            // Backpressure: an acknowledgement (or close) wakes this task.
-            st.room_wanted = true;
-            return Poll::Pending;
-        }
+        let room = st.ring.capacity();
         let chunk = &buf[..buf.len().min(room)];
         let (Link::Up, Some(transport)) = (st.link, st.transport.as_mut()) else {
             return Poll::Pending;
@@ -470,10 +284,6 @@ impl<W: AsyncWrite + Unpin> BackedWriter<W> {
         let n = match outcome {
             Ok(n) if n > 0 => {
                 st.sent_seq += n as u64;
-                let sent_seq = st.sent_seq;
-                if let (Some(window), Some(started)) = (st.window.as_mut(), started) {
-                    window.on_sent(started, sent_seq);
-                }
                 n
             }
             failed => {
@@ -509,18 +319,11 @@ impl<W: AsyncWrite + Unpin> BackedWriter<W> {
             // Only `fail` (the pipe closing) takes a transport away mid-replay.
             return Poll::Ready(Some(Err(st.closed.clone().unwrap_or(Error::WriterClosed))));
         }
-        let mut outcome = match ready!(self.poll_drain(&mut st, cx, REPLAY_SLICE)) {
+        let outcome = match ready!(self.poll_drain(&mut st, cx, REPLAY_SLICE)) {
             Ok(false) => return Poll::Ready(None),
             Ok(true) => Ok(()),
             Err(err) => Err(err),
         };
-        if outcome.is_ok() && st.shut_down {
-            // The end marker follows the replayed data on the new transport too.
-            let mut tcx = self.waiters.context(cx, &self.fanout);
-            if let Some(transport) = st.transport.as_mut() {
-                outcome = ready!(Pin::new(transport).poll_shutdown(&mut tcx));
-            }
-        }
         let result = match outcome {
             Ok(()) if st.closed.is_some() => {
                 st.transport = None;
@@ -611,17 +414,9 @@ impl<W: AsyncWrite + Unpin> BackedWriter<W> {
 }
 
 impl<W> WriterState<W> {
-    /// Adds bytes to the replay buffer; the caller has checked they fit under `retention`.
+    /// Adds bytes to the replay buffer, evicting the oldest beyond the capacity (as Go's ring).
     fn commit(&mut self, bytes: &[u8]) {
-        match self.retention {
-            Retention::EvictOldest => {
-                self.ring.write(bytes);
-            }
-            Retention::UntilAcked => {
-                let taken = self.ring.append(bytes);
-                debug_assert_eq!(taken, bytes.len());
-            }
-        }
+        self.ring.write(bytes);
     }
 }
 
@@ -631,11 +426,6 @@ impl<W> WriterState<W> {
 /// worker thread that long, and the runtime would deliver no I/O event on that thread
 /// meanwhile.
 const REPLAY_SLICE: usize = 256 * 1024;
-
-/// The current time, from tokio's clock so that paused-time tests control it.
-fn now() -> std::time::Instant {
-    tokio::time::Instant::now().into_std()
-}
 
 fn short_write() -> io::Error {
     io::Error::new(io::ErrorKind::WriteZero, "short write")

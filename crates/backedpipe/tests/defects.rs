@@ -6,7 +6,7 @@ mod common;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -242,14 +242,18 @@ async fn memory_is_committed_only_as_bytes_are_written() {
 /// An allocator that records the largest allocation made while armed.
 struct Watching;
 
-static ARMED: AtomicBool = AtomicBool::new(false);
+thread_local! {
+    /// Armed on the test's own thread only: other tests of this binary run on other threads
+    /// at the same time, and their allocations are not the replay's.
+    static ARMED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
 static LARGEST: AtomicUsize = AtomicUsize::new(0);
 
 // SAFETY: every call is forwarded unchanged to the system allocator; the wrapper only records
-// sizes in atomics.
+// sizes in an atomic, reading a const-initialised thread-local flag (which never allocates).
 unsafe impl GlobalAlloc for Watching {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if ARMED.load(Ordering::Relaxed) {
+        if ARMED.with(std::cell::Cell::get) {
             LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
         }
         // SAFETY: the caller's contract for `alloc` is passed on as is.
@@ -262,7 +266,7 @@ unsafe impl GlobalAlloc for Watching {
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if ARMED.load(Ordering::Relaxed) {
+        if ARMED.with(std::cell::Cell::get) {
             LARGEST.fetch_max(new_size, Ordering::Relaxed);
         }
         // SAFETY: the caller's contract for `realloc` is passed on as is.
@@ -307,9 +311,9 @@ async fn replay_writes_from_the_buffer_without_copying_the_tail() {
     writer.write(&vec![2; 1 << 20]).await.unwrap();
 
     LARGEST.store(0, Ordering::Relaxed);
-    ARMED.store(true, Ordering::Relaxed);
+    ARMED.with(|armed| armed.set(true));
     let replay = writer.reconnect(1 << 20, CountingSink::default()).await;
-    ARMED.store(false, Ordering::Relaxed);
+    ARMED.with(|armed| armed.set(false));
     replay.unwrap();
     let largest = LARGEST.load(Ordering::Relaxed);
     assert!(

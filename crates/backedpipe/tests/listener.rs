@@ -51,9 +51,9 @@ async fn read_exactly(session: &Session, len: usize) -> Vec<u8> {
 
 /// Sends `message` each way between `client` and `server` and checks it arrived.
 async fn round_trip(client: &Session, server: &Session, message: &[u8]) {
-    client.write(message).await.unwrap();
+    client.write_all(message).await.unwrap();
     assert_eq!(read_exactly(server, message.len()).await, message);
-    server.write(message).await.unwrap();
+    server.write_all(message).await.unwrap();
     assert_eq!(read_exactly(client, message.len()).await, message);
 }
 
@@ -150,15 +150,15 @@ async fn a_killed_tcp_connection_resumes_through_the_listener_without_accept() {
             .unwrap();
         let server_side = listener.accept().await.unwrap();
         round_trip(&client, &server_side, b"before").await;
-        let generation = client.pipe().generation();
+        let generation = client.generation();
 
         // Bytes written while the connection dies must arrive exactly once, by replay.
         killable.kill_all();
-        client.write(b"during").await.unwrap();
+        client.write_all(b"during").await.unwrap();
         let mut status = client.status();
         status
             .wait_for(|state| {
-                matches!(state, PipeState::Connected) && client.pipe().generation() > generation
+                matches!(state, PipeState::Connected) && client.generation() > generation
             })
             .await
             .unwrap();
@@ -333,9 +333,9 @@ async fn a_session_opened_over_tcp_resumes_through_a_unix_listener_of_the_same_s
         let client = Session::connect(connector, options()).await.unwrap();
         let server_side = over_tcp.accept().await.unwrap();
         round_trip(&client, &server_side, b"over tcp").await;
-        let generation = client.pipe().generation();
-        client.pipe().force_reconnect().await.unwrap();
-        assert!(client.pipe().generation() > generation);
+        let generation = client.generation();
+        client.force_reconnect().await.unwrap();
+        assert!(client.generation() > generation);
         assert_eq!(*dialled.lock().unwrap(), 2);
         round_trip(&client, &server_side, b"over the unix socket").await;
     })

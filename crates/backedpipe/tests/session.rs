@@ -156,7 +156,7 @@ async fn send_pattern(session: &Session, total: u64, salt: u8) {
         let len = (total - offset).min(7919 + (offset % 5000)) as usize;
         chunk.clear();
         chunk.extend((0..len as u64).map(|i| pattern(offset + i, salt)));
-        session.write(&chunk).await.expect("write");
+        session.write_all(&chunk).await.expect("write");
         offset += len as u64;
     }
 }
@@ -267,15 +267,12 @@ async fn bytes_cross_repeated_cuts_exactly_once_in_both_directions() {
         }
         let cuts = cuts.load(Ordering::SeqCst);
         assert!(cuts >= 5, "only {cuts} cuts happened");
-        assert!(
-            client.pipe().generation() > 5,
-            "the client resumed after each cut"
-        );
+        assert!(client.generation() > 5, "the client resumed after each cut");
         // Everything read is acknowledged within the ack delay (virtual time: deterministic),
         // and the writers then hold nothing.
         tokio::time::sleep(SessionConfig::default().ack_delay * 2).await;
-        assert_eq!(client.pipe().buffered().0, 0);
-        assert_eq!(server.pipe().buffered().0, 0);
+        assert_eq!(client.buffered().0, 0);
+        assert_eq!(server.buffered().0, 0);
     })
     .await;
 }
@@ -285,12 +282,12 @@ async fn a_black_holed_path_is_detected_by_heartbeats_and_the_session_resumes() 
     guarded(async {
         let mut harness = Harness::new(small_options());
         let (client, server) = harness.connect().await;
-        let generation = client.pipe().generation();
+        let generation = client.generation();
         let held_at = tokio::time::Instant::now();
         harness.set_links(LinkState::Held);
         // Watch the generation in 100 ms steps of virtual time (state changes can be too quick
         // for a watch receiver to see each one).
-        while client.pipe().generation() == generation {
+        while client.generation() == generation {
             tokio::time::sleep(Duration::from_millis(100)).await;
             assert!(
                 held_at.elapsed() < Duration::from_secs(60),
@@ -309,8 +306,8 @@ async fn a_black_holed_path_is_detected_by_heartbeats_and_the_session_resumes() 
             .wait_for(|s| matches!(s, PipeState::Connected))
             .await
             .unwrap();
-        assert!(client.pipe().generation() > generation);
-        client.write(b"after the hole").await.unwrap();
+        assert!(client.generation() > generation);
+        client.write_all(b"after the hole").await.unwrap();
         let mut buf = [0u8; 14];
         let mut got = 0;
         while got < buf.len() {
@@ -326,14 +323,10 @@ async fn an_idle_session_stays_up_on_heartbeats_alone() {
     guarded(async {
         let mut harness = Harness::new(small_options());
         let (client, _server) = harness.connect().await;
-        let generation = client.pipe().generation();
+        let generation = client.generation();
         tokio::time::sleep(Duration::from_secs(600)).await;
         assert!(client.connected());
-        assert_eq!(
-            client.pipe().generation(),
-            generation,
-            "no reconnect while idle"
-        );
+        assert_eq!(client.generation(), generation, "no reconnect while idle");
     })
     .await;
 }
@@ -343,7 +336,7 @@ async fn shutdown_sends_fin_after_the_data_and_the_other_direction_goes_on() {
     guarded(async {
         let mut harness = Harness::new(small_options());
         let (client, server) = harness.connect().await;
-        client.write(b"last words").await.unwrap();
+        client.write_all(b"last words").await.unwrap();
         client.shutdown().await.unwrap();
         let got = read_to_end(&server).await;
         assert_eq!(got, b"last words");
@@ -354,7 +347,7 @@ async fn shutdown_sends_fin_after_the_data_and_the_other_direction_goes_on() {
             "end-of-stream stays"
         );
         // Half-close: the server still talks to the client.
-        server.write(b"reply").await.unwrap();
+        server.write_all(b"reply").await.unwrap();
         let mut reply = [0u8; 5];
         let mut n = 0;
         while n < 5 {
@@ -362,7 +355,7 @@ async fn shutdown_sends_fin_after_the_data_and_the_other_direction_goes_on() {
         }
         assert_eq!(&reply, b"reply");
         assert!(matches!(
-            client.write(b"more").await,
+            client.write_all(b"more").await,
             Err(Error::WriteAfterShutdown)
         ));
     })
@@ -376,7 +369,7 @@ async fn fin_is_sent_again_after_a_reconnect_and_read_once() {
         let (client, server) = harness.connect().await;
         // The link is held, so the data and FIN never reach the server on this connection.
         harness.set_links(LinkState::Held);
-        client.write(b"0123456789").await.unwrap();
+        client.write_all(b"0123456789").await.unwrap();
         let shutdown = tokio::spawn(async move {
             client.shutdown().await.unwrap();
             client
@@ -385,7 +378,7 @@ async fn fin_is_sent_again_after_a_reconnect_and_read_once() {
         let got = read_to_end(&server).await;
         assert_eq!(got, b"0123456789");
         let client = shutdown.await.unwrap();
-        assert!(client.pipe().generation() >= 2, "the data came by replay");
+        assert!(client.generation() >= 2, "the data came by replay");
     })
     .await;
 }
@@ -401,7 +394,7 @@ async fn a_drop_is_never_end_of_stream() {
             (n, buf, server)
         });
         harness.set_links(LinkState::Cut);
-        client.write(b"abc").await.unwrap();
+        client.write_all(b"abc").await.unwrap();
         let (n, buf, _server) = reader.await.unwrap();
         assert!(n > 0, "a cut link must not read as end-of-stream");
         assert_eq!(&buf[..n], &b"abc"[..n]);
@@ -448,7 +441,7 @@ async fn a_peer_that_stops_reading_blocks_the_writer_at_the_capacity() {
         let data = vec![7u8; 4 * 1024 * 1024];
         let writer = tokio::spawn({
             let client = client.clone();
-            async move { client.write(&data).await }
+            async move { client.write_all(&data).await }
         });
         // Paused time only advances when every task is idle: if the write could make progress
         // it would have, so this timeout proves it is blocked.
@@ -462,7 +455,7 @@ async fn a_peer_that_stops_reading_blocks_the_writer_at_the_capacity() {
             blocked.is_err(),
             "the writer finished without the peer reading"
         );
-        let (held, committed) = client.pipe().buffered();
+        let (held, committed) = client.buffered();
         assert!(held <= CAPACITY, "{held} bytes unacknowledged");
         assert!(committed <= CAPACITY, "{committed} bytes of replay memory");
         // Reading releases it.
@@ -471,7 +464,7 @@ async fn a_peer_that_stops_reading_blocks_the_writer_at_the_capacity() {
         while total < 4 * 1024 * 1024 {
             total += server.read(&mut buf).await.unwrap();
         }
-        assert_eq!(writer.await.unwrap().unwrap(), 4 * 1024 * 1024);
+        writer.await.unwrap().unwrap();
     })
     .await;
 }
@@ -574,19 +567,15 @@ async fn live_session() -> (Harness, Session, Session, SessionServer) {
 }
 
 async fn assert_undisturbed(client: &Session, server: &Session) {
-    let generation = client.pipe().generation();
-    client.write(b"still here").await.unwrap();
+    let generation = client.generation();
+    client.write_all(b"still here").await.unwrap();
     let mut buf = [0u8; 10];
     let mut n = 0;
     while n < 10 {
         n += server.read(&mut buf[n..]).await.unwrap();
     }
     assert_eq!(&buf, b"still here");
-    assert_eq!(
-        client.pipe().generation(),
-        generation,
-        "no reconnect happened"
-    );
+    assert_eq!(client.generation(), generation, "no reconnect happened");
 }
 
 #[tokio::test(start_paused = true)]
@@ -617,7 +606,7 @@ async fn a_captured_resume_handshake_replayed_is_refused() {
         let (harness, client, server, table) = live_session().await;
         // Force a genuine resume and capture its HELLO off the wire.
         harness.set_links(LinkState::Cut);
-        client.write(b"x").await.unwrap();
+        client.write_all(b"x").await.unwrap();
         let mut x = [0u8; 1];
         server.read(&mut x).await.unwrap();
         let captured = harness.taps.lock().unwrap()[1].lock().unwrap().clone();
@@ -822,7 +811,7 @@ async fn a_close_after_the_end_of_stream_was_read_ends_the_session_at_once() {
     guarded(async {
         let mut harness = Harness::new(small_options());
         let (client, server) = harness.connect().await;
-        server.write(b"bye").await.unwrap();
+        server.write_all(b"bye").await.unwrap();
         server.shutdown().await.unwrap();
         let got = read_to_end(&client).await;
         assert_eq!(got, b"bye");
@@ -846,7 +835,7 @@ async fn close_waits_for_the_peer_to_acknowledge_what_was_written() {
         let (client, server) = harness.connect().await;
         // The bytes are stuck in a black hole when close is called.
         harness.set_links(LinkState::Held);
-        client.write(b"last words").await.unwrap();
+        client.write_all(b"last words").await.unwrap();
         let closing = tokio::spawn(async move {
             client.close().await.unwrap();
             client
@@ -874,12 +863,8 @@ async fn close_waits_for_the_peer_to_acknowledge_what_was_written() {
             "{end:?}"
         );
         let client = closing.await.unwrap();
-        assert!(client.pipe().generation() >= 2, "the bytes came by replay");
-        assert_eq!(
-            client.pipe().buffered().0,
-            0,
-            "all acknowledged before CLOSE"
-        );
+        assert!(client.generation() >= 2, "the bytes came by replay");
+        assert_eq!(client.buffered().0, 0, "all acknowledged before CLOSE");
     })
     .await;
 }

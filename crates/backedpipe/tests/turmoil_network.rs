@@ -93,7 +93,7 @@ async fn exchange(
 ) -> Result<Exchanged, String> {
     let max_buffered = AtomicUsize::new(0);
     let check_memory = || -> Result<(), String> {
-        let (held, committed) = session.pipe().buffered();
+        let (held, committed) = session.buffered();
         max_buffered.fetch_max(held, Ordering::SeqCst);
         if held > capacity || committed > capacity {
             return Err(format!(
@@ -110,7 +110,7 @@ async fn exchange(
             chunk.clear();
             chunk.extend((offset..offset + len).map(|at| pattern(at, send_salt)));
             session
-                .write(&chunk)
+                .write_all(&chunk)
                 .await
                 .map_err(|err| format!("write at {offset}: {err}"))?;
             offset += len;
@@ -377,7 +377,7 @@ fn install_transfer_client(
         *report.lock().unwrap() = ClientReport {
             id: Some(id),
             exchanged: Some(exchanged),
-            generation: session.pipe().generation(),
+            generation: session.generation(),
             dials: dials.load(Ordering::SeqCst),
             losses: std::mem::take(&mut *losses.lock().unwrap()),
         };
@@ -613,7 +613,7 @@ fn a_restarted_server_host_gives_session_unknown_not_a_hang_or_a_retry_loop() ->
         let mut server_reports = reports.subscribe();
         sim.client(CLIENT, async move {
             let session = Session::connect(sim_connector(dials.clone()), options).await?;
-            session.write(b"hello").await?;
+            session.write_all(b"hello").await?;
             server_reports
                 .wait_for(|report| !report.accepted.is_empty())
                 .await?;
@@ -893,7 +893,7 @@ fn bytes_written_before_a_close_reach_the_peer_across_a_partition() -> turmoil::
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
                 let data: Vec<u8> = (0..TOTAL).map(|at| pattern(at, SERVER_SALT)).collect();
-                session.write(&data).await?;
+                session.write_all(&data).await?;
                 session.shutdown().await?;
                 session.close().await?;
                 std::future::pending::<()>().await;

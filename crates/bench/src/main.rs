@@ -339,8 +339,7 @@ async fn session_throughput(
     let elapsed = start.elapsed();
     let tx = writer.await??;
     check_count(got, bytes)?;
-    tx.close().await?;
-    drop(client_read);
+    drop((tx, client_read));
     rig.server.close().await?;
     rig.accept_task.abort();
     Ok(mb_per_s(bytes, elapsed))
@@ -480,14 +479,29 @@ async fn bare_connect_round_trip(addr: std::net::SocketAddr) -> Result<f64, BoxE
     Ok(start.elapsed().as_secs_f64() * 1e6)
 }
 
+/// A stream read through `&self`: a raw-mode pipe or a session.
+trait SharedRead {
+    async fn read(&self, buf: &mut [u8]) -> Result<usize, backedpipe::Error>;
+}
+
+impl<C: backedpipe::Io> SharedRead for backedpipe::BackedPipe<C> {
+    async fn read(&self, buf: &mut [u8]) -> Result<usize, backedpipe::Error> {
+        backedpipe::BackedPipe::read(self, buf).await
+    }
+}
+
+impl SharedRead for backedpipe::Session {
+    async fn read(&self, buf: &mut [u8]) -> Result<usize, backedpipe::Error> {
+        backedpipe::Session::read(self, buf).await
+    }
+}
+
 /// Reads the 8-byte message of a reconnect sample and returns when it had arrived.
-async fn read_eight_bytes<C: backedpipe::Connection>(
-    pipe: &backedpipe::BackedPipe<C>,
-) -> Result<Instant, backedpipe::Error> {
+async fn read_eight_bytes(stream: &impl SharedRead) -> Result<Instant, backedpipe::Error> {
     let mut buf = [0u8; 8];
     let mut got = 0;
     while got < 8 {
-        let n = pipe.read(&mut buf[got..]).await?;
+        let n = stream.read(&mut buf[got..]).await?;
         if n == 0 {
             return Err(backedpipe::Error::PipeClosed);
         }
@@ -505,7 +519,7 @@ async fn pipe_idle_reconnect(rig: &Rig) -> Result<f64, BoxError> {
         .await?;
     let server = rig.server.clone();
     // The reader is in flight before the cut, as in a live session.
-    let reader = tokio::spawn(async move { read_eight_bytes(&server).await });
+    let reader = tokio::spawn(async move { read_eight_bytes(&*server).await });
     tokio::task::yield_now().await;
     let start = Instant::now();
     rig.cutter.cut();
@@ -567,7 +581,7 @@ async fn session_idle_reconnect(rig: &SessionRig) -> Result<f64, BoxError> {
     }
     let server = rig.server.clone();
     // The reader is in flight before the cut, as in a live session.
-    let reader = tokio::spawn(async move { read_eight_bytes(server.pipe()).await });
+    let reader = tokio::spawn(async move { read_eight_bytes(&*server).await });
     tokio::task::yield_now().await;
     let start = Instant::now();
     rig.cutter.cut();
@@ -598,7 +612,7 @@ async fn session_stream_first_byte() -> Result<f64, BoxError> {
         while got < 16 << 20 {
             got += server.read(&mut buf).await? as u64;
         }
-        let generation = server.pipe().generation();
+        let generation = server.generation();
         let start = Instant::now();
         cutter.cut();
         loop {
@@ -606,7 +620,7 @@ async fn session_stream_first_byte() -> Result<f64, BoxError> {
             if n == 0 {
                 return Err::<_, BoxError>("session ended during the measurement".into());
             }
-            if server.pipe().generation() != generation {
+            if server.generation() != generation {
                 break;
             }
         }

@@ -265,7 +265,7 @@ pub async fn scale(sessions: usize, cut: usize, backlog: u32) -> Result<Report, 
     }
     let generations: HashMap<&String, u64> = accepted
         .iter()
-        .map(|(id, s)| (id, s.pipe().generation()))
+        .map(|(id, s)| (id, s.generation()))
         .collect();
     for (port, _) in &victims {
         clients.send(&format!("cut {port}"))?;
@@ -282,7 +282,7 @@ pub async fn scale(sessions: usize, cut: usize, backlog: u32) -> Result<Report, 
     let cut_ids: std::collections::HashSet<&String> = victims.iter().map(|(_, id)| id).collect();
     let disturbed = accepted
         .iter()
-        .filter(|(id, s)| !cut_ids.contains(id) && s.pipe().generation() != generations[id])
+        .filter(|(id, s)| !cut_ids.contains(id) && s.generation() != generations[id])
         .count();
     let storm_ms = storm.total.as_secs_f64() * 1e3;
     let p50_ms = median(&storm.each_ms);
@@ -360,7 +360,7 @@ async fn storm(
         sockets.push(socket);
         let session = Arc::clone(session);
         let ready = Arc::clone(&ready);
-        let generation = session.pipe().generation();
+        let generation = session.generation();
         watchers.spawn(async move {
             let read = async {
                 let mut buf = [0u8; MESSAGE.len()];
@@ -385,7 +385,7 @@ async fn storm(
             read?;
             wait_connected(&session).await?;
             let resumed = Instant::now();
-            if session.pipe().generation() == generation {
+            if session.generation() == generation {
                 return Err("a message was delivered without a resume".into());
             }
             Ok::<_, BoxError>(resumed)

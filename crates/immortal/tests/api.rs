@@ -798,13 +798,13 @@ async fn a_resume_after_cuts_continues_the_stream_exactly_once() {
                     cut_at.pop();
                     // Cut, and go on reading only once the client has resumed, so every cut
                     // really lands in the middle of the transfer.
-                    let generation = session.pipe().generation();
+                    let generation = session.generation();
                     link.cut();
                     let mut status = session.status();
                     status
                         .wait_for(|state| {
                             matches!(state, backedpipe::PipeState::Connected)
-                                && session.pipe().generation() > generation
+                                && session.generation() > generation
                         })
                         .await
                         .unwrap();

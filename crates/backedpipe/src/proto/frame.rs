@@ -158,6 +158,27 @@ pub struct FrameHeader {
 }
 
 impl FrameHeader {
+    /// The header of a DATA frame carrying `length` payload bytes (1 to
+    /// [`MAX_FRAME_PAYLOAD`]), for a sender that writes the payload itself.
+    pub fn data(length: u32) -> FrameHeader {
+        FrameHeader {
+            frame_type: FrameType::Data,
+            length,
+        }
+    }
+
+    /// The header's five bytes.
+    ///
+    /// ```
+    /// use backedpipe::proto::FrameHeader;
+    ///
+    /// assert_eq!(FrameHeader::data(3).encode(), [0x01, 0, 0, 0, 3]);
+    /// ```
+    pub fn encode(&self) -> [u8; HEADER_LEN] {
+        let [a, b, c, d] = self.length.to_be_bytes();
+        [self.frame_type as u8, a, b, c, d]
+    }
+
     /// Parses and validates a header. Errors, in the order checked: [`DecodeError::UnknownType`],
     /// [`DecodeError::FrameTooLarge`], [`DecodeError::BadLength`].
     pub fn parse(bytes: [u8; HEADER_LEN]) -> Result<FrameHeader, DecodeError> {

@@ -1,118 +1,143 @@
-//! The client side of session mode: a [`Reconnector`] that dials through a [`Connector`] and
-//! runs the new-session or resume handshake.
+//! The client side of session mode: dial through a [`Connector`], run the new-session or resume
+//! handshake, and hand the transport to the session.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use super::conn::SessionConn;
 use super::establish::{client_new, client_resume, send_close};
-use super::link::SessionLink;
 use super::options::SessionOptions;
-use crate::error::{BoxError, Error};
-use crate::proto::{CloseCode, Frame, Secret, SessionId};
-use crate::reconnector::Reconnector;
-use crate::transport::Connector;
+use super::shared::Shared;
+use crate::error::Error;
+use crate::proto::{CloseCode, Established, Frame, FrameDecoder, Secret, SessionId};
+use crate::transport::{BoxIo, Connector};
 
-/// The session's credentials, learnt from the server's WELCOME, shared by the dialer and the
-/// [`Session`](super::Session) that reports the id.
-pub(crate) type Credentials = Arc<Mutex<Option<Resumable>>>;
+/// One resume attempt in flight: done once the transport is attached, or failed.
+pub(crate) type Resuming = Pin<Box<dyn Future<Output = Result<(), Error>> + Send>>;
+
+/// Dials a new transport for a session and attaches it (a client's resume), for the driver.
+pub(crate) trait Dial: Send + Sync + 'static {
+    /// One attempt: connect, resume, attach. A terminal error (the server forgot the session,
+    /// the proof failed, the offset is a lie) ends the session; any other is retried.
+    fn dial(self: Arc<Self>, shared: Arc<Shared>) -> Resuming;
+}
 
 /// What a client needs to resume its session.
-#[derive(Debug, Clone)]
-pub(crate) struct Resumable {
-    pub(crate) session_id: SessionId,
+#[derive(Debug)]
+struct Credentials {
+    session_id: SessionId,
     secret: Secret,
     /// Resume attempts made so far; each uses the next number, so none repeats.
     attempts: u64,
 }
 
-impl Resumable {
-    /// The next attempt's number (from 1), with what the handshake needs.
-    fn next_attempt(&mut self) -> (SessionId, Secret, u64) {
-        self.attempts += 1;
-        (self.session_id, self.secret.clone(), self.attempts)
-    }
+/// Dials and resumes a client session through `connector`.
+pub(crate) struct Dialer<C> {
+    connector: C,
+    options: SessionOptions,
+    credentials: Mutex<Credentials>,
 }
 
-/// Dials and handshakes for a client session: the first call asks for a new session, every
-/// later one resumes it.
-pub(crate) struct SessionDialer<C> {
-    pub(crate) connector: C,
-    pub(crate) options: SessionOptions,
-    pub(crate) link: Arc<SessionLink>,
-    pub(crate) credentials: Credentials,
-}
-
-impl<C: Connector> Reconnector for SessionDialer<C> {
-    type Conn = SessionConn;
-
-    async fn reconnect(&self, reader_seq: u64) -> Result<(SessionConn, u64), BoxError> {
-        // The attempt number is taken before dialling: a failed dial wastes a number, which is
-        // harmless, and a number never repeats.
-        let resume = self
-            .credentials
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_mut()
-            .map(Resumable::next_attempt);
-        let connect_timeout = self.options.connect_timeout;
-        let mut io = tokio::time::timeout(connect_timeout, self.connector.connect())
-            .await
-            .map_err(|_| Error::io(std::io::ErrorKind::TimedOut.into()))?
-            .map_err(connector_error)?;
-        let handshake = async {
-            match resume {
-                None => client_new(&mut io).await,
-                Some((id, secret, attempt)) => {
-                    client_resume(&mut io, id, secret, attempt, reader_seq).await
-                }
-            }
-        };
-        let handshake_timeout = self.options.handshake_timeout;
-        let (established, decoder) = tokio::time::timeout(handshake_timeout, handshake)
+impl<C: Connector> Dialer<C> {
+    /// Opens a new session: the first transport and its handshake. Returns the dialer for
+    /// later resumes, what the server agreed, and the transport.
+    pub(crate) async fn open(
+        connector: C,
+        options: SessionOptions,
+    ) -> Result<(Dialer<C>, Established, FrameDecoder, BoxIo), Error> {
+        let mut io = connect(&connector, &options).await?;
+        let handshake_timeout = options.handshake_timeout;
+        let (established, decoder) = tokio::time::timeout(handshake_timeout, client_new(&mut io))
             .await
             .map_err(|_| Error::HandshakeTimeout(handshake_timeout))??;
-        // The server's offset is hostile input: refuse it, and tell the server why, before the
-        // pipe's buffer is touched.
-        if let Err(err) = self.link.check_replay_from(established.remote_reader_seq()) {
-            send_close(
-                &mut io,
-                Frame::close(CloseCode::ReplayUnavailable, err.to_string()),
-            )
-            .await;
-            return Err(err.into());
-        }
-        if !established.is_resume() {
-            *self
-                .credentials
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner) = Some(Resumable {
+        tracing::debug!(session = %established.session_id(), "new session established");
+        let dialer = Dialer {
+            connector,
+            options,
+            credentials: Mutex::new(Credentials {
                 session_id: established.session_id(),
                 secret: established.secret().clone(),
                 attempts: 0,
-            });
+            }),
+        };
+        Ok((dialer, established, decoder, io))
+    }
+
+    /// One resume attempt.
+    async fn resume(self: Arc<Self>, shared: Arc<Shared>) -> Result<(), Error> {
+        // The attempt number is taken before dialling: a failed dial wastes a number, which
+        // is harmless, and a number never repeats. The offset cannot move while there is no
+        // path.
+        let (id, secret, attempt) = {
+            let mut credentials = self
+                .credentials
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            credentials.attempts += 1;
+            (
+                credentials.session_id,
+                credentials.secret.clone(),
+                credentials.attempts,
+            )
+        };
+        let reader_seq = shared.lock().conn.resume_offset();
+        let mut io = connect(&self.connector, &self.options).await?;
+        let handshake_timeout = self.options.handshake_timeout;
+        let handshake = client_resume(&mut io, id, secret, attempt, reader_seq);
+        let (established, decoder) = tokio::time::timeout(handshake_timeout, handshake)
+            .await
+            .map_err(|_| Error::HandshakeTimeout(handshake_timeout))??;
+        let peer_offset = established.remote_reader_seq();
+        // The server's offset is hostile input: it is checked before anything is touched, and
+        // a refusal tells the server why.
+        let mut io = Some(io);
+        let attached = shared.with(|st, now| {
+            st.conn.start_path(now, decoder, peer_offset)?;
+            if let Some(io) = io.take() {
+                st.attach(io);
+            }
+            Ok(())
+        });
+        match (attached, io) {
+            (Ok(()), _) => {
+                tracing::debug!(session = %id, local = reader_seq, remote = peer_offset, "session resumed");
+                Ok(())
+            }
+            (Err(err), io) => {
+                if let Some(mut io) = io {
+                    let code = match err {
+                        Error::PipeClosed => CloseCode::Normal,
+                        _ => CloseCode::ReplayUnavailable,
+                    };
+                    send_close(&mut io, Frame::close(code, err.to_string())).await;
+                }
+                Err(err)
+            }
         }
-        tracing::debug!(
-            session = %established.session_id(),
-            resumed = established.is_resume(),
-            local = established.local_reader_seq(),
-            remote = established.remote_reader_seq(),
-            "session connection established"
-        );
-        let conn = SessionConn::start(
-            io,
-            decoder,
-            &established,
-            self.options.timing.clone(),
-            self.link.clone(),
-        );
-        self.link.set_current(conn.finished());
-        Ok((conn, established.remote_reader_seq()))
     }
 }
 
+impl<C: Connector> Dial for Dialer<C> {
+    fn dial(self: Arc<Self>, shared: Arc<Shared>) -> Resuming {
+        Box::pin(self.resume(shared))
+    }
+}
+
+/// Opens a transport through `connector` within the connect timeout.
+async fn connect<C: Connector>(connector: &C, options: &SessionOptions) -> Result<BoxIo, Error> {
+    // Boxed as a trait object: the connector's future is opaque, and leaving it so makes the
+    // session's own futures too general for the compiler to prove them `Send` when spawned.
+    let connecting: Pin<Box<dyn Future<Output = std::io::Result<BoxIo>> + Send + '_>> =
+        Box::pin(connector.connect());
+    tokio::time::timeout(options.connect_timeout, connecting)
+        .await
+        .map_err(|_| Error::io(std::io::ErrorKind::TimedOut.into()))?
+        .map_err(connector_error)
+}
+
 /// A connector's failure as the crate error: one of ours that it wrapped in the `io::Error`
-/// passes through, so a connector can stop the reconnect loop with a terminal error (the
-/// server said the session is gone); anything else is transport trouble, retried.
+/// passes through, so a connector can stop the resume loop with a terminal error (the server
+/// said the session is gone); anything else is transport trouble, retried.
 fn connector_error(err: std::io::Error) -> Error {
     match Error::from_io(&err) {
         Some(ours) => ours.clone(),

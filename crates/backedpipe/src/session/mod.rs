@@ -1,34 +1,36 @@
-//! Session mode (DESIGN §4): the framed protocol of `docs/PROTOCOL.md` run under a
-//! [`BackedPipe`](crate::BackedPipe), with acknowledgements, backpressure, heartbeats, graceful
-//! close and authenticated resume.
+//! Session mode (DESIGN §4): the framed protocol of `docs/PROTOCOL.md`, with acknowledgements,
+//! backpressure, heartbeats, graceful close and authenticated resume.
 //!
-//! The sans-IO part decides timing and counters only: [`SessionCore`] is fed the frames
-//! received and the bytes the application consumes, says what to send
-//! ([`SessionCore::poll_transmit`]), when to wake ([`SessionCore::poll_timeout`]) and what to act
-//! on ([`SessionCore::poll_event`]). The bytes of the stream live in the writer's replay buffer
-//! and the wire format in [`proto`](crate::proto).
+//! Each session is one sans-IO [`Connection`] that owns every offset and flag of the stream
+//! across all of its transports, driven by one tokio task per session:
 //!
-//! The tokio part moves bytes and sleeps: each transport is a [`SessionConn`] with a driver
-//! task; the application holds a [`Session`], made by
-//! [`Session::connect`](crate::Session::connect) on the client and by
-//! [`SessionServer::accept`](crate::SessionServer::accept) on the server, or handed over by a
-//! [`SessionListener`] that listens.
+//! ```text
+//!  application ──read/write──► Session ─┐          ┌── Driver task (timers, resume, what the
+//!                                       ├─ lock ───┤   application's calls leave undone)
+//!                                       │ Connection (sans-IO) + current transport
+//!  SessionServer::accept ── attaches a resumed transport ──┘
+//! ```
+//!
+//! The application's reads and writes move bytes between its buffers, the connection and the
+//! transport in its own task; the driver sleeps until the connection's next deadline, writes
+//! what the transport would not take at once, reads while the application does not, and on a
+//! client dials and resumes after a loss. A server's sessions resume through the
+//! [`SessionServer`] (or a [`SessionListener`]) that accepted them.
 
 mod client;
-mod conn;
-mod core;
+mod config;
+mod connection;
+mod driver;
 mod establish;
-mod link;
 mod listener;
 mod options;
 mod server;
+mod shared;
 mod stream;
-mod timer;
 
-pub use self::conn::SessionConn;
-pub use self::core::{Event, SessionConfig, SessionCore, SessionViolation, Transmit};
+pub use self::config::SessionConfig;
+pub use self::connection::{Connection, Event, Transmit};
 pub use self::listener::{Incoming, ListenerBuilder, SessionListener};
 pub use self::options::SessionOptions;
 pub use self::server::{Accepted, SessionServer};
-pub use self::stream::Session;
-pub use self::timer::{Timer, TimerTable};
+pub use self::stream::{ReadHalf, Session, WriteHalf};

@@ -2,8 +2,12 @@
 
 use std::time::Duration;
 
-use super::core::SessionConfig;
+use super::config::SessionConfig;
 use crate::config::PipeConfig;
+
+/// Received bytes a session holds unread by default: enough to keep a fast path busy while the
+/// application is between reads.
+const DEFAULT_RECEIVE_LIMIT: usize = 1024 * 1024;
 
 /// Settings of a [`Session`](crate::Session) and a [`SessionServer`](crate::SessionServer).
 ///
@@ -14,6 +18,7 @@ use crate::config::PipeConfig;
 /// | [`connect_timeout`](Self::connect_timeout) | 3 s | a dial that hangs (a black-holed route) is abandoned and retried |
 /// | [`handshake_timeout`](Self::handshake_timeout) | 10 s | a client that connects and says nothing cannot hold a server task for long |
 /// | [`ttl`](Self::ttl) | 24 h | how long a server keeps a disconnected session for its client to resume |
+/// | [`receive_limit`](Self::receive_limit) | 1 MiB | received bytes the application has not read beyond which the transport is left unread (TCP's flow control then holds the peer back) |
 /// | [`close_timeout`](Self::close_timeout) | 30 s | how long [`Session::close`](crate::Session::close) waits for the peer to acknowledge what was written before it sends CLOSE anyway: long enough to notice a dead path (11 s) and resume over a new one |
 ///
 /// ```
@@ -33,6 +38,7 @@ pub struct SessionOptions {
     pub(crate) handshake_timeout: Duration,
     pub(crate) ttl: Duration,
     pub(crate) close_timeout: Duration,
+    pub(crate) receive_limit: usize,
 }
 
 impl Default for SessionOptions {
@@ -44,6 +50,7 @@ impl Default for SessionOptions {
             handshake_timeout: Duration::from_secs(10),
             ttl: Duration::from_secs(24 * 60 * 60),
             close_timeout: Duration::from_secs(30),
+            receive_limit: DEFAULT_RECEIVE_LIMIT,
         }
     }
 }
@@ -86,6 +93,14 @@ impl SessionOptions {
     /// peer could still get; past this bound the caller's wish to be done wins.
     pub fn close_timeout(mut self, timeout: Duration) -> Self {
         self.close_timeout = timeout;
+        self
+    }
+
+    /// How many received bytes the application may leave unread before the transport is left
+    /// unread (at least 1). Each session holds at most this much plus one read (16 KiB) of the
+    /// peer's stream, whatever the peer sends.
+    pub fn receive_limit(mut self, bytes: usize) -> Self {
+        self.receive_limit = bytes.max(1);
         self
     }
 

@@ -2,23 +2,20 @@
 //! sessions, attaches resumes to them, and forgets sessions that stay disconnected too long.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
-use tokio::sync::watch;
-
-use super::conn::SessionConn;
+use super::connection::Connection;
+use super::driver::{Driver, Registration};
 use super::establish::{fail, read_frame, send_close, write_frame};
-use super::link::SessionLink;
 use super::options::SessionOptions;
+use super::shared::{now, Shared};
 use super::stream::Session;
 use crate::error::{Error, Result};
-use crate::pipe::{PipeState, WeakPipe};
 use crate::proto::{
-    CloseCode, Frame, FrameDecoder, HandshakeError, HelloOutcome, Secret, ServerHandshake,
-    SessionId, SessionLookup,
+    CloseCode, Frame, FrameDecoder, HandshakeError, HelloOutcome, ResumeVerified, Secret,
+    ServerHandshake, SessionId, SessionLookup, Side,
 };
 use crate::transport::{BoxIo, Io};
-use crate::BackedPipe;
 
 /// How many expired session ids a server remembers, to tell their clients "expired" rather
 /// than "unknown".
@@ -50,9 +47,19 @@ pub struct SessionServer {
 }
 
 #[derive(Debug)]
-struct ServerInner {
+pub(crate) struct ServerInner {
     options: SessionOptions,
     table: Mutex<Table>,
+}
+
+impl ServerInner {
+    /// A session's driver ended: forget it (remembering that it expired, if it did).
+    pub(crate) fn forget(&self, id: SessionId, expired: bool) {
+        self.table
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .forget(id, expired);
+    }
 }
 
 #[derive(Debug, Default)]
@@ -67,15 +74,14 @@ struct Entry {
     secret: Secret,
     /// The largest resume attempt number accepted: a HELLO must carry a larger one.
     last_attempt: u64,
-    pipe: WeakPipe<SessionConn>,
-    link: Arc<SessionLink>,
+    session: Weak<Shared>,
 }
 
 /// What a verified resume finds when it claims its attempt number.
 #[derive(Debug)]
 enum Claim {
-    /// The attempt is recorded as the session's latest: its pipe and link.
-    Live(BackedPipe<SessionConn>, Arc<SessionLink>),
+    /// The attempt is recorded as the session's latest: its shared state.
+    Live(Arc<Shared>),
     /// The session expired or closed since the lookup.
     Gone,
     /// A resume with this newer attempt number was accepted since the lookup.
@@ -99,8 +105,8 @@ impl Table {
             };
         }
         entry.last_attempt = attempt;
-        match entry.pipe.upgrade() {
-            Some(pipe) => Claim::Live(pipe, entry.link.clone()),
+        match entry.session.upgrade() {
+            Some(session) => Claim::Live(session),
             None => Claim::Gone,
         }
     }
@@ -183,87 +189,105 @@ impl SessionServer {
             } => {
                 write_frame(io, &welcome).await?;
                 let id = established.session_id();
-                let link = Arc::new(SessionLink::default());
-                let pipe = BackedPipe::passive_session(self.inner.options.pipe.clone())?;
-                pipe.set_ack_interval(self.inner.options.timing.ack_every);
-                link.attach_pipe(pipe.hooks());
+                let options = &self.inner.options;
+                let now = now();
+                let mut conn = Connection::new(Side::Server, id, options, now)?;
+                conn.start_path(now, decoder, established.remote_reader_seq())?;
                 let io = std::mem::replace(io, Box::new(tokio::io::empty()));
-                let conn = SessionConn::start(
-                    io,
-                    decoder,
-                    &established,
-                    self.inner.options.timing.clone(),
-                    link.clone(),
-                );
-                link.set_current(conn.finished());
-                pipe.accept_reconnection(0, conn).await?;
+                let shared = Shared::new(conn, Some(io));
                 self.table().sessions.insert(
                     id,
                     Entry {
                         secret: established.secret().clone(),
                         last_attempt: 0,
-                        pipe: pipe.downgrade(),
-                        link: link.clone(),
+                        session: Arc::downgrade(&shared),
                     },
                 );
-                tokio::spawn(watch_ttl(
-                    Arc::downgrade(&self.inner),
-                    id,
-                    pipe.status(),
-                    pipe.downgrade(),
-                ));
+                let registration = Registration {
+                    server: Arc::downgrade(&self.inner),
+                };
+                tokio::spawn(Driver::new(shared.clone(), None, Some(registration)).run());
                 tracing::debug!(session = %id, "new session");
-                Ok(Accepted::New(Session::from_parts(
-                    pipe,
-                    link,
+                Ok(Accepted::New(Session::new(
+                    shared,
                     id,
-                    self.inner.options.close_timeout,
+                    options.close_timeout,
                 )))
             }
-            HelloOutcome::Resume(verified) => {
-                let id = verified.session_id();
-                // Record the attempt, so this HELLO is never accepted again, checking it against
-                // the number recorded now: a resume racing this one may have been newer.
-                let claim = self.table().claim_attempt(id, verified.attempt());
-                let (pipe, link) = match claim {
-                    Claim::Live(pipe, link) => (pipe, link),
-                    Claim::Stale { last_attempt } => {
-                        let error = HandshakeError::ReplayedResume {
-                            attempt: verified.attempt(),
-                            last_attempt,
-                        };
-                        return Err(fail(io, error.into(), None).await);
-                    }
-                    Claim::Gone => {
-                        let close = verified.refuse(CloseCode::UnknownSession, "unknown session");
-                        send_close(io, close).await;
-                        return Err(Error::SessionUnknown(id));
-                    }
-                };
-                if let Err(err) = pipe.check_replay_from(verified.client_reader_seq()) {
-                    let close = verified.refuse(CloseCode::ReplayUnavailable, err.to_string());
-                    send_close(io, close).await;
-                    return Err(err);
-                }
-                // Only now is the live transport dropped, and the offset taken at that instant.
-                let server_reader_seq = pipe.detach().await?;
-                let (established, resumed) = verified.accept(server_reader_seq);
-                write_frame(io, &resumed).await?;
-                let io = std::mem::replace(io, Box::new(tokio::io::empty()));
-                let conn = SessionConn::start(
-                    io,
-                    decoder,
-                    &established,
-                    self.inner.options.timing.clone(),
-                    link.clone(),
-                );
-                link.set_current(conn.finished());
-                pipe.accept_reconnection(established.remote_reader_seq(), conn)
-                    .await?;
-                tracing::debug!(session = %id, "session resumed");
-                Ok(Accepted::Resumed(id))
-            }
+            HelloOutcome::Resume(verified) => self.resume(io, decoder, verified).await,
         }
+    }
+
+    /// Attaches a verified resume to its session: the attempt is recorded, the client's offset
+    /// checked, and only then is the live transport dropped and the server's offset taken at
+    /// that instant.
+    async fn resume(
+        &self,
+        io: &mut BoxIo,
+        decoder: FrameDecoder,
+        verified: ResumeVerified,
+    ) -> Result<Accepted> {
+        let id = verified.session_id();
+        let attempt = verified.attempt();
+        // Record the attempt, so this HELLO is never accepted again, checking it against the
+        // number recorded now: a resume racing this one may have been newer.
+        let claim = self.table().claim_attempt(id, attempt);
+        let shared = match claim {
+            Claim::Live(shared) => shared,
+            Claim::Stale { last_attempt } => {
+                let error = HandshakeError::ReplayedResume {
+                    attempt,
+                    last_attempt,
+                };
+                return Err(fail(io, error.into(), None).await);
+            }
+            Claim::Gone => {
+                let close = verified.refuse(CloseCode::UnknownSession, "unknown session");
+                send_close(io, close).await;
+                return Err(Error::SessionUnknown(id));
+            }
+        };
+        let client_offset = verified.client_reader_seq();
+        let detached = shared.with(|st, now| {
+            st.conn.check_resume(client_offset)?;
+            if st.conn.is_ended() {
+                return Err(Error::SessionUnknown(id));
+            }
+            st.conn.handle_transport_lost(now);
+            st.resuming = Some(attempt);
+            Ok(st.conn.resume_offset())
+        });
+        let server_offset = match detached {
+            Ok(offset) => offset,
+            Err(err) => {
+                let code = match err {
+                    Error::SessionUnknown(_) => CloseCode::UnknownSession,
+                    _ => CloseCode::ReplayUnavailable,
+                };
+                send_close(io, verified.refuse(code, err.to_string())).await;
+                return Err(err);
+            }
+        };
+        let (established, resumed) = verified.accept(server_offset);
+        write_frame(io, &resumed).await?;
+        let io = std::mem::replace(io, Box::new(tokio::io::empty()));
+        let mut io = Some(io);
+        let attached = shared.with(|st, now| {
+            if st.resuming != Some(attempt) {
+                // A newer resume took over meanwhile.
+                return Err(Error::ReconnectionInProgress);
+            }
+            st.resuming = None;
+            st.conn
+                .start_path(now, decoder, established.remote_reader_seq())?;
+            if let Some(io) = io.take() {
+                st.attach(io);
+            }
+            Ok(())
+        });
+        attached?;
+        tracing::debug!(session = %id, client = client_offset, server = server_offset, "session resumed");
+        Ok(Accepted::Resumed(id))
     }
 
     fn table(&self) -> MutexGuard<'_, Table> {
@@ -274,65 +298,23 @@ impl SessionServer {
     }
 }
 
-/// Forgets the session when it ends, and expires it once it has stayed disconnected for the
-/// time to live.
-async fn watch_ttl(
-    server: std::sync::Weak<ServerInner>,
-    id: SessionId,
-    mut status: watch::Receiver<PipeState>,
-    pipe: WeakPipe<SessionConn>,
-) {
-    let Some(ttl) = server.upgrade().map(|inner| inner.options.ttl) else {
-        return;
-    };
-    let expired = loop {
-        let state = status.borrow_and_update().clone();
-        match state {
-            PipeState::Closed | PipeState::Failed(_) => break false,
-            PipeState::Connected | PipeState::Reconnecting => {
-                if status.changed().await.is_err() {
-                    break false;
-                }
-            }
-            _ => match tokio::time::timeout(ttl, status.changed()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => break false,
-                Err(_) => break true,
-            },
-        }
-    };
-    if let Some(inner) = server.upgrade() {
-        inner
-            .table
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .forget(id, expired);
-    }
-    if expired {
-        tracing::info!(session = %id, ?ttl, "session expired");
-        if let Some(pipe) = pipe.upgrade() {
-            pipe.fail(Error::SessionExpired(id));
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::PipeConfig;
 
     #[tokio::test]
     async fn of_two_racing_resumes_only_the_newer_attempt_can_claim_the_session() {
         let id = SessionId::from_bytes([1; 16]);
-        let pipe = BackedPipe::<SessionConn>::passive_session(PipeConfig::default()).unwrap();
+        let options = SessionOptions::default();
+        let conn = Connection::new(Side::Server, id, &options, now()).unwrap();
+        let shared = Shared::new(conn, None);
         let mut table = Table::default();
         table.sessions.insert(
             id,
             Entry {
                 secret: Secret::from_bytes([2; 32]),
                 last_attempt: 0,
-                pipe: pipe.downgrade(),
-                link: Arc::default(),
+                session: Arc::downgrade(&shared),
             },
         );
         // Both were verified against the lookup's 0; the newer one claims first.
@@ -351,8 +333,7 @@ mod tests {
             table.claim_attempt(SessionId::from_bytes([9; 16]), 1),
             Claim::Gone
         ));
-        pipe.close().await.unwrap();
-        drop(pipe);
+        drop(shared);
         assert!(matches!(table.claim_attempt(id, 8), Claim::Gone));
     }
 }

@@ -1,42 +1,49 @@
-//! [`Session`]: the application's handle on a session-mode stream, client or server side.
+//! [`Session`]: the application's handle on a session-mode stream, client or server side, and
+//! its halves.
 
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 
-use super::client::SessionDialer;
-use super::conn::{SessionConn, CLOSE_LINGER};
-use super::link::SessionLink;
+use super::client::Dialer;
+use super::connection::{Connection, CLOSE_LINGER};
+use super::driver::{Driver, Resumer};
 use super::options::SessionOptions;
+use super::shared::{now, Shared};
+use crate::backoff::{random_seed, Backoff};
 use crate::error::{Error, Result};
-use crate::pipe::{BackedPipe, OwnedReadHalf, OwnedWriteHalf, PipeState};
-use crate::proto::SessionId;
+use crate::pipe::PipeState;
+use crate::proto::{CloseCode, SessionId, Side};
 use crate::transport::Connector;
 
-/// A byte stream in session mode: a [`BackedPipe`] whose transports carry the framed session
-/// protocol (`docs/PROTOCOL.md`).
+/// A byte stream in session mode: the framed protocol of `docs/PROTOCOL.md` over a transport
+/// that may be lost and replaced any number of times.
 ///
-/// On top of the pipe's exactly-once, in-order delivery across reconnects, a session
+/// Every byte written is delivered exactly once and in order across reconnects, and a session
 ///
 /// - acknowledges what the application has read, so the sender keeps only unacknowledged bytes
-///   and a write waits once the pipe's capacity of them is outstanding (nothing unacknowledged is
-///   ever dropped);
+///   and a write waits once the capacity of them is outstanding (nothing unacknowledged is
+///   ever dropped), or while more is in flight than the path needs;
 /// - probes an idle path and replaces a path that stays silent for about two heartbeats, even
 ///   while the application neither reads nor writes;
 /// - ends cleanly: [`shutdown`](Self::shutdown) sends FIN after the data (the peer reads
-///   `Ok(0)` only then), and [`close`](Self::close) (or dropping the session) sends CLOSE, which
-///   fails the peer's reads and writes with [`Error::ClosedByPeer`] instead of leaving it to
-///   reconnect;
-/// - resumes only with proof of the session's secret, from any address.
+///   `Ok(0)` only then, and from then on), and [`close`](Self::close) (or dropping the
+///   session) sends CLOSE, which fails the peer's writes, and its reads once it has read what
+///   came before, with [`Error::ClosedByPeer`] instead of leaving it to reconnect (a peer that
+///   read end-of-stream keeps reading `Ok(0)`);
+/// - resumes only with proof of the session's secret, from any address;
+/// - holds bounded memory whatever the peer does: the replay buffer's capacity, the receive
+///   limit and a few KiB (see [`Connection`]).
 ///
 /// A client makes one with [`Session::connect`]; a server gets one from
-/// [`SessionServer::accept`](crate::SessionServer::accept).
+/// [`SessionServer::accept`](crate::SessionServer::accept) or a
+/// [`SessionListener`](crate::SessionListener).
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
@@ -72,10 +79,22 @@ use crate::transport::Connector;
 /// ```
 #[derive(Debug)]
 pub struct Session {
-    pipe: BackedPipe<SessionConn>,
-    link: Arc<SessionLink>,
+    handle: Arc<Handle>,
+}
+
+/// The application's hold on a session: dropping the last one closes it.
+#[derive(Debug)]
+struct Handle {
+    shared: Arc<Shared>,
     id: SessionId,
     close_timeout: Duration,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.shared
+            .with(|st, now| st.conn.close(now, CloseCode::Normal, "closed"));
+    }
 }
 
 impl Session {
@@ -90,162 +109,312 @@ impl Session {
     /// # Errors
     /// The first connection's failure: [`Error::Io`] (the connector failed or timed out),
     /// [`Error::HandshakeTimeout`], [`Error::Protocol`] (the server is not speaking this
-    /// protocol), [`Error::ClosedByPeer`] (the server refused), [`Error::NoRuntime`].
+    /// protocol), [`Error::ClosedByPeer`] (the server refused), [`Error::NoRuntime`],
+    /// [`Error::InvalidCapacity`].
     pub async fn connect<C: Connector>(connector: C, options: SessionOptions) -> Result<Session> {
-        let link = Arc::new(SessionLink::default());
-        let credentials = Arc::default();
-        let dialer = SessionDialer {
-            connector,
-            options: options.clone(),
-            link: link.clone(),
-            credentials: Arc::clone(&credentials),
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
+        let (dialer, established, decoder, io) = Dialer::open(connector, options.clone()).await?;
+        let now = now();
+        let mut conn = Connection::new(Side::Client, established.session_id(), &options, now)?;
+        conn.start_path(now, decoder, established.remote_reader_seq())?;
+        let shared = Shared::new(conn, Some(io));
+        let pipe = &options.pipe;
+        let resumer = Resumer {
+            dial: Arc::new(dialer),
+            backoff: Backoff::new(
+                pipe.backoff_initial,
+                pipe.backoff_max,
+                pipe.backoff_seed.unwrap_or_else(random_seed),
+            ),
+            max_attempts: pipe.max_reconnect_attempts,
         };
-        let pipe = BackedPipe::session_mode(Some(dialer), options.pipe)?;
-        pipe.set_ack_interval(options.timing.ack_every);
-        link.attach_pipe(pipe.hooks());
-        pipe.connect().await?;
-        let id = credentials
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .as_ref()
-            .map(|resumable| resumable.session_id)
-            .ok_or(Error::PipeClosed)?;
-        Ok(Session {
-            pipe,
-            link,
-            id,
-            close_timeout: options.close_timeout,
-        })
+        runtime.spawn(Driver::new(shared.clone(), Some(resumer), None).run());
+        Ok(Session::new(
+            shared,
+            established.session_id(),
+            options.close_timeout,
+        ))
     }
 
-    /// A session the server side accepted.
-    pub(crate) fn from_parts(
-        pipe: BackedPipe<SessionConn>,
-        link: Arc<SessionLink>,
-        id: SessionId,
-        close_timeout: Duration,
-    ) -> Session {
+    /// A handle on a session whose driver runs.
+    pub(crate) fn new(shared: Arc<Shared>, id: SessionId, close_timeout: Duration) -> Session {
         Session {
-            pipe,
-            link,
-            id,
-            close_timeout,
+            handle: Arc::new(Handle {
+                shared,
+                id,
+                close_timeout,
+            }),
         }
+    }
+
+    fn shared(&self) -> &Shared {
+        &self.handle.shared
     }
 
     /// The session's id (not secret: it names the session, the secret proves it).
     pub fn id(&self) -> SessionId {
-        self.id
+        self.handle.id
     }
 
-    /// The underlying pipe: sequence numbers, buffered bytes, generation, status.
-    pub fn pipe(&self) -> &BackedPipe<SessionConn> {
-        &self.pipe
+    /// How many transports have carried the session so far (1 once connected; each resume
+    /// adds one).
+    pub fn generation(&self) -> u64 {
+        self.shared().lock().conn.generation()
+    }
+
+    /// Bytes the application has written.
+    pub fn bytes_written(&self) -> u64 {
+        self.shared().lock().conn.written()
+    }
+
+    /// Bytes of the peer's stream the application has read.
+    pub fn bytes_read(&self) -> u64 {
+        self.shared().lock().conn.delivered()
+    }
+
+    /// Bytes of our stream the peer has acknowledged (after a resume this includes what it
+    /// had received and not yet read).
+    pub fn bytes_acked(&self) -> u64 {
+        self.shared().lock().conn.peer_acked()
+    }
+
+    /// Bytes held for replay (written and not acknowledged), and the memory committed to hold
+    /// them.
+    pub fn buffered(&self) -> (usize, usize) {
+        self.shared().lock().conn.buffered()
     }
 
     /// The current state.
     pub fn state(&self) -> PipeState {
-        self.pipe.state()
+        self.shared().status().borrow().clone()
     }
 
-    /// True while a transport is attached and caught up.
+    /// True while a transport is attached.
     pub fn connected(&self) -> bool {
-        self.pipe.connected()
+        self.shared().lock().conn.has_path()
     }
 
     /// A receiver that sees every state transition.
     pub fn status(&self) -> watch::Receiver<PipeState> {
-        self.pipe.status()
+        self.shared().status()
     }
 
     /// Reads into `buf`, waiting while disconnected; `Ok(0)` once the peer has shut down its
-    /// direction and every byte before has been read, or after a local close.
+    /// direction and every byte before has been read (and from then on), or after a local
+    /// close.
     ///
     /// # Errors
-    /// The session's terminal error ([`Error::ClosedByPeer`], [`Error::SessionUnknown`], ...).
+    /// The session's terminal error ([`Error::ClosedByPeer`], [`Error::SessionUnknown`], ...),
+    /// once every byte received before it has been read.
     pub async fn read(&self, buf: &mut [u8]) -> Result<usize> {
-        self.pipe.read(buf).await
+        read(self.shared(), buf).await
     }
 
-    /// Writes all of `buf`, returning once it has been handed to a live transport. Waits while
-    /// disconnected, and while the pipe's capacity of bytes is unacknowledged.
+    /// Writes as much of `buf` as may go now (at least one byte), waiting while the capacity
+    /// or the in-flight window is full. The bytes are then part of the stream: sent now if a
+    /// transport is attached, else after the next resume.
     ///
     /// # Errors
     /// [`Error::WriteAfterShutdown`] after [`shutdown`](Self::shutdown), or the session's
     /// terminal error.
     pub async fn write(&self, buf: &[u8]) -> Result<usize> {
-        self.pipe.write(buf).await
+        write(self.shared(), buf).await
     }
 
-    /// Ends this side's direction: FIN follows the bytes written (and follows them again after
-    /// any reconnect), so the peer reads end-of-stream once it has every byte. Reading goes on.
+    /// Writes all of `buf` (see [`write`](Self::write)).
     ///
     /// # Errors
-    /// The session's terminal error.
-    pub async fn shutdown(&self) -> Result<()> {
-        poll_fn(|cx| self.pipe.poll_shutdown_shared(cx)).await
-    }
-
-    /// Waits until the peer's application has read every byte written so far (the peer has
-    /// acknowledged them all), across reconnects. Returns at once when nothing is
-    /// outstanding, and when the session has ended (its reads and writes then say why).
-    pub async fn acknowledged(&self) {
-        poll_fn(|cx| self.pipe.poll_acknowledged(cx)).await
-    }
-
-    /// Closes the session gracefully: waits (at most the
-    /// [`close_timeout`](SessionOptions::close_timeout), 30 s by default, enough to replace a dead path) for the peer to
-    /// acknowledge every byte written, so that the CLOSE cannot overtake data the peer could
-    /// still get; then the peer gets CLOSE and its reads and writes fail with
-    /// [`Error::ClosedByPeer`] (after it has read everything, and the end-of-stream if
-    /// [`shutdown`](Self::shutdown) was called); a server forgets the session. Waits at most
-    /// about a second more for the CLOSE to leave. Dropping the session closes it at once,
-    /// without waiting for anything.
-    ///
-    /// # Errors
-    /// None at present; the signature leaves room for reporting a failed close.
-    pub async fn close(&self) -> Result<()> {
-        let _ = tokio::time::timeout(self.close_timeout, self.acknowledged()).await;
-        let finished = self.link.current_finished();
-        self.pipe.close().await?;
-        if let Some(finished) = finished {
-            let _ = tokio::time::timeout(CLOSE_LINGER, finished.cancelled()).await;
+    /// As for [`write`](Self::write); bytes written before the error stay in the stream.
+    pub async fn write_all(&self, mut buf: &[u8]) -> Result<()> {
+        while !buf.is_empty() {
+            let n = self.write(buf).await?;
+            buf = &buf[n..];
         }
         Ok(())
     }
 
+    /// Ends this side's direction: FIN follows the bytes written (and follows them again after
+    /// any reconnect), so the peer reads end-of-stream once it has every byte. Reading goes on.
+    /// Returns once FIN is in the transport.
+    ///
+    /// # Errors
+    /// The session's terminal error.
+    pub async fn shutdown(&self) -> Result<()> {
+        poll_fn(|cx| self.shared().poll_shutdown(cx))
+            .await
+            .map_err(from_io)
+    }
+
+    /// Waits until the peer acknowledged every byte written so far, across reconnects.
+    /// Returns at once when nothing is outstanding, and when the session has ended (its reads
+    /// and writes then say why).
+    pub async fn acknowledged(&self) {
+        poll_fn(|cx| self.shared().poll_acknowledged(cx)).await
+    }
+
+    /// Drops the current transport; a client dials a new one at once (a server waits for its
+    /// client). Returns once a newer transport carries the session.
+    ///
+    /// # Errors
+    /// The session's error if it ends first.
+    pub async fn force_reconnect(&self) -> Result<()> {
+        let generation = self.generation();
+        let mut status = self.status();
+        self.shared().with(|st, now| {
+            st.conn.handle_transport_lost(now);
+            st.dial_now = true;
+        });
+        loop {
+            {
+                let st = self.shared().lock();
+                if st.conn.generation() > generation && st.conn.has_path() {
+                    return Ok(());
+                }
+                if st.conn.is_ended() {
+                    return Err(st.conn.error().unwrap_or(Error::PipeClosed));
+                }
+            }
+            if status.changed().await.is_err() {
+                return Err(Error::PipeClosed);
+            }
+        }
+    }
+
+    /// A client without a transport dials at once instead of waiting out its backoff (call it
+    /// when the network has come back). Does nothing on a connected session or a server.
+    pub fn resume_now(&self) {
+        self.shared().with(|st, _| {
+            if !st.conn.has_path() {
+                st.dial_now = true;
+            }
+        });
+        self.shared().wake(super::shared::Wakes::all());
+    }
+
+    /// Closes the session gracefully: waits (at most the
+    /// [`close_timeout`](SessionOptions::close_timeout), 30 s by default, enough to replace a
+    /// dead path) for the peer to acknowledge every byte written, so that the CLOSE cannot
+    /// overtake data the peer could still get; then the peer gets CLOSE and its writes fail
+    /// with [`Error::ClosedByPeer`], as do its reads once it has read everything before (and
+    /// a peer that had read end-of-stream keeps reading `Ok(0)`); a server forgets the
+    /// session. Waits at most about a second more for the CLOSE to leave. Dropping the session
+    /// closes it at once, without waiting for anything.
+    ///
+    /// # Errors
+    /// None at present; the signature leaves room for reporting a failed close.
+    pub async fn close(&self) -> Result<()> {
+        let _ = tokio::time::timeout(self.handle.close_timeout, self.acknowledged()).await;
+        self.shared()
+            .with(|st, now| st.conn.close(now, CloseCode::Normal, "closed"));
+        let finished = self.shared().finished.clone();
+        let _ = tokio::time::timeout(CLOSE_LINGER * 2, finished.cancelled()).await;
+        Ok(())
+    }
+
     /// Splits the session into halves for different tasks. Shutting down the write half sends
-    /// FIN; the session closes (sending CLOSE) when both halves are dropped or either is closed.
-    pub fn into_split(self) -> (OwnedReadHalf<SessionConn>, OwnedWriteHalf<SessionConn>) {
-        self.pipe.into_split()
+    /// FIN; the session closes (sending CLOSE) when both halves are dropped.
+    pub fn into_split(self) -> (ReadHalf, WriteHalf) {
+        (
+            ReadHalf {
+                handle: self.handle.clone(),
+            },
+            WriteHalf {
+                handle: self.handle,
+            },
+        )
     }
 }
 
-impl AsyncRead for Session {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.pipe).poll_read(cx, buf)
+/// The reading half of a [`Session`], from [`Session::into_split`].
+#[derive(Debug)]
+pub struct ReadHalf {
+    handle: Arc<Handle>,
+}
+
+/// The writing half of a [`Session`], from [`Session::into_split`].
+#[derive(Debug)]
+pub struct WriteHalf {
+    handle: Arc<Handle>,
+}
+
+impl ReadHalf {
+    /// As [`Session::read`].
+    ///
+    /// # Errors
+    /// As [`Session::read`].
+    pub async fn read(&self, buf: &mut [u8]) -> Result<usize> {
+        read(&self.handle.shared, buf).await
     }
 }
 
-impl AsyncWrite for Session {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.pipe).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.pipe).poll_flush(cx)
-    }
-
-    /// Sends FIN after the data (see [`Session::shutdown`]).
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.pipe).poll_shutdown(cx)
+impl WriteHalf {
+    /// As [`Session::write`].
+    ///
+    /// # Errors
+    /// As [`Session::write`].
+    pub async fn write(&self, buf: &[u8]) -> Result<usize> {
+        write(&self.handle.shared, buf).await
     }
 }
+
+/// The crate error an I/O error from the session's own polls carries.
+fn from_io(err: io::Error) -> Error {
+    match Error::from_io(&err) {
+        Some(ours) => ours.clone(),
+        None => Error::io(err),
+    }
+}
+
+async fn read(shared: &Shared, buf: &mut [u8]) -> Result<usize> {
+    poll_fn(|cx| {
+        let mut into = ReadBuf::new(buf);
+        ready!(shared.poll_read(cx, &mut into)).map_err(from_io)?;
+        Poll::Ready(Ok(into.filled().len()))
+    })
+    .await
+}
+
+async fn write(shared: &Shared, buf: &[u8]) -> Result<usize> {
+    poll_fn(|cx| shared.poll_write(cx, buf))
+        .await
+        .map_err(from_io)
+}
+
+macro_rules! impl_io {
+    (read $ty:ty) => {
+        impl AsyncRead for $ty {
+            fn poll_read(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &mut ReadBuf<'_>,
+            ) -> Poll<io::Result<()>> {
+                self.handle.shared.poll_read(cx, buf)
+            }
+        }
+    };
+    (write $ty:ty) => {
+        impl AsyncWrite for $ty {
+            fn poll_write(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &[u8],
+            ) -> Poll<io::Result<usize>> {
+                self.handle.shared.poll_write(cx, buf)
+            }
+
+            fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                self.handle.shared.poll_flush(cx)
+            }
+
+            /// Sends FIN after the data (see [`Session::shutdown`]).
+            fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                self.handle.shared.poll_shutdown(cx)
+            }
+        }
+    };
+}
+
+impl_io!(read Session);
+impl_io!(write Session);
+impl_io!(read ReadHalf);
+impl_io!(write WriteHalf);

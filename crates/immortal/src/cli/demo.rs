@@ -153,7 +153,7 @@ pub async fn run(args: DemoArgs) -> Result<(), CliError> {
         black_holes: cuts.black_holes.load(Ordering::Relaxed),
         cuts_asked: args.cuts,
         reconnects: reconnects(&opened),
-        generation: session.pipe().generation(),
+        generation: session.generation(),
         elapsed: started.elapsed(),
     };
     print!("{report}");

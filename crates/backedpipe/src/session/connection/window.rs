@@ -81,8 +81,6 @@ pub(crate) struct InflightWindow {
     rate_mark: Option<(u64, Instant)>,
     /// The highest delivery rate seen (bytes per second), and when.
     max_rate: Option<(f64, Instant)>,
-    /// The latest acknowledgement.
-    acked: u64,
     /// The peer's acknowledgement interval: the smallest step between two acknowledgements
     /// over the latest complete run of [`ACK_STEP_RUN`] (until one completes, the interval
     /// the window was created with).
@@ -93,19 +91,17 @@ pub(crate) struct InflightWindow {
 }
 
 impl InflightWindow {
-    /// A window for a new path on which the peer has acknowledged `acked` bytes, and which
-    /// acknowledges about every `ack_interval` bytes (what a previous path of the session
+    /// A window for a new path whose peer acknowledges about every `ack_interval` bytes (what a previous path of the session
     /// measured, else the local setting, which a peer normally shares): the floor covers four
     /// of them from the start, so a peer that acknowledges rarely is never left waiting for
     /// its acknowledgement delay.
-    pub(crate) fn new(acked: u64, ack_interval: u64) -> Self {
+    pub(crate) fn new(ack_interval: u64) -> Self {
         InflightWindow {
             timing: None,
             min_rtt: None,
             probing: false,
             rate_mark: None,
             max_rate: None,
-            acked,
             ack_step: ack_interval,
             run_min: u64::MAX,
             run_len: 0,
@@ -142,27 +138,26 @@ impl InflightWindow {
 
     /// Bytes up to `end_seq` were handed to the transport, in a write that started at `now`
     /// (taken before the write: a sender preempted after it would otherwise time a round trip
-    /// that was partly over before the clock was read).
-    pub(crate) fn on_sent(&mut self, now: Instant, end_seq: u64) {
-        if self.timing.is_none() && end_seq > self.acked {
+    /// that was partly over before the clock was read), while the peer had acknowledged `acked`.
+    pub(crate) fn on_sent(&mut self, now: Instant, end_seq: u64, acked: u64) {
+        if self.timing.is_none() && end_seq > acked {
             self.timing = Some((end_seq, now));
         }
     }
 
-    /// The peer acknowledged every byte before `seq` (checked by the caller to be no more
-    /// than was sent).
-    pub(crate) fn on_ack(&mut self, now: Instant, seq: u64) {
-        if seq <= self.acked {
+    /// The peer acknowledged every byte before `seq`, having acknowledged `acked` before
+    /// (the caller checks that `seq` is no more than was sent).
+    pub(crate) fn on_ack(&mut self, now: Instant, acked: u64, seq: u64) {
+        if seq <= acked {
             return;
         }
-        self.run_min = self.run_min.min(seq - self.acked);
+        self.run_min = self.run_min.min(seq - acked);
         self.run_len += 1;
         if self.run_len == ACK_STEP_RUN {
             self.ack_step = self.run_min;
             self.run_min = u64::MAX;
             self.run_len = 0;
         }
-        self.acked = seq;
         if let Some((want, sent_at)) = self.timing {
             if seq >= want {
                 self.timing = None;
@@ -214,7 +209,7 @@ mod tests {
     /// window full: returns the window after `rounds` round trips.
     fn steady(rate_per_ms: u64, rtt: Duration, rounds: u32) -> u64 {
         let start = Instant::now();
-        let mut w = InflightWindow::new(0, 0);
+        let mut w = InflightWindow::new(0);
         let mut now = start;
         let mut sent = 0u64;
         let mut acked = 0u64;
@@ -230,7 +225,7 @@ mod tests {
                 let n = room.min(64 * 1024);
                 sent += n;
                 room -= n;
-                w.on_sent(now, sent);
+                w.on_sent(now, sent, acked);
                 in_flight.push_back((sent, now));
             }
             now += step;
@@ -239,8 +234,8 @@ mod tests {
                     break;
                 }
                 in_flight.pop_front();
+                w.on_ack(now, acked, seq);
                 acked = seq;
-                w.on_ack(now, seq);
             }
         }
         w.limit(now)
@@ -248,7 +243,7 @@ mod tests {
 
     #[test]
     fn starts_at_the_initial_window() {
-        let mut w = InflightWindow::new(0, 0);
+        let mut w = InflightWindow::new(0);
         assert_eq!(w.limit(Instant::now()), INITIAL);
     }
 
@@ -279,7 +274,7 @@ mod tests {
         // The peer acknowledges every 4 MiB (its setting, or what an earlier path measured):
         // the window must hold four of those before any measurement, or the peer would only
         // acknowledge after its acknowledgement delay.
-        let mut w = InflightWindow::new(0, 4 << 20);
+        let mut w = InflightWindow::new(4 << 20);
         assert_eq!(w.limit(Instant::now()), 16 << 20);
         assert_eq!(w.ack_interval(), 4 << 20);
     }
@@ -287,11 +282,13 @@ mod tests {
     #[test]
     fn a_large_acknowledgement_interval_raises_the_floor() {
         let start = Instant::now();
-        let mut w = InflightWindow::new(0, 0);
-        w.on_sent(start, 64 << 20);
+        let mut w = InflightWindow::new(0);
+        w.on_sent(start, 64 << 20, 0);
+        let mut acked = 0;
         for i in 1..=ACK_STEP_RUN as u64 {
             // Every step at least 1 MiB, some of them several acknowledgements at once.
-            w.on_ack(start + MS, (i * i) << 20);
+            w.on_ack(start + MS, acked, (i * i) << 20);
+            acked = (i * i) << 20;
         }
         assert_eq!(w.limit(start + MS), 4 << 20);
     }
@@ -299,17 +296,17 @@ mod tests {
     #[test]
     fn the_minimum_round_trip_is_re_measured_with_little_in_flight() {
         let start = Instant::now();
-        let mut w = InflightWindow::new(0, 0);
-        w.on_sent(start, 64 * 1024);
-        w.on_ack(start + MS, 64 * 1024);
+        let mut w = InflightWindow::new(0);
+        w.on_sent(start, 64 * 1024, 0);
+        w.on_ack(start + MS, 0, 64 * 1024);
         // A rate: 128 KiB in 20 ms.
-        w.on_sent(start + MS, 192 * 1024);
-        w.on_ack(start + 21 * MS, 192 * 1024);
+        w.on_sent(start + MS, 192 * 1024, 64 * 1024);
+        w.on_ack(start + 21 * MS, 64 * 1024, 192 * 1024);
         assert_eq!(w.limit(start + 21 * MS), FLOOR);
         let later = start + MIN_RTT_EXPIRY + MS;
         assert_eq!(w.limit(later), PROBE_INFLIGHT);
-        w.on_sent(later, 320 * 1024);
-        w.on_ack(later + 2 * MS, 320 * 1024);
+        w.on_sent(later, 320 * 1024, 192 * 1024);
+        w.on_ack(later + 2 * MS, 192 * 1024, 320 * 1024);
         assert_eq!(w.limit(later + 2 * MS), FLOOR);
         assert_eq!(w.min_rtt.map(|m| m.0), Some(2 * MS));
     }
