@@ -102,7 +102,6 @@ async fn bodies_sent_a_byte_at_a_time_cost_no_more_than_their_length() {
 /// A session peer that sends PINGs and never reads: the agent's memory must not grow with
 /// what it is sent (the session answers each PING with a PONG; those must not pile up).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs issue 10's bounded session"]
 async fn a_session_peer_that_pings_and_never_reads_does_not_grow_the_agent() {
     let _one = ONE_AT_A_TIME.lock().await;
     let (addr, token) = agent(|_| {}).await;
