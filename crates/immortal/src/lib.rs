@@ -14,6 +14,8 @@ pub mod api;
 pub mod chaos;
 pub mod cli;
 pub mod client;
+pub mod runtime_dir;
 pub mod server;
+pub mod socket_proto;
 pub mod token;
 pub mod ws_io;

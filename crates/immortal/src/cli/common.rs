@@ -391,10 +391,15 @@ pub(crate) async fn write_all(session: &Session, mut buf: &[u8]) -> backedpipe::
 pub const STATUS_EVERY: Duration = Duration::from_secs(5);
 
 /// Reports a session's connection losses and recoveries through `say`, until the session
-/// ends: a line when the connection is lost, then at most one every [`STATUS_EVERY`] while
-/// it stays lost ("connection lost, reconnecting (attempt 3, offline 12 s)"), and one when it
-/// is back ("reconnected after 12 s").
-pub(crate) async fn report_status(mut status: watch::Receiver<PipeState>, say: impl Fn(String)) {
+/// ends: a line when the connection is lost, then one every [`STATUS_EVERY`] while it stays
+/// lost ("connection lost, silent for 12 s, reconnecting (attempt 3)"), each followed by
+/// `hint` (how to quit, say), and one when it is back ("reconnected after 12 s"). Nothing
+/// while the session is healthy.
+pub(crate) async fn report_status(
+    mut status: watch::Receiver<PipeState>,
+    hint: &str,
+    say: impl Fn(String),
+) {
     let mut offline: Option<Offline> = None;
     loop {
         let next_line = offline.as_ref().map(|o| o.last_line + STATUS_EVERY);
@@ -413,7 +418,7 @@ pub(crate) async fn report_status(mut status: watch::Receiver<PipeState>, say: i
                     PipeState::Disconnected | PipeState::Reconnecting => {
                         let now = Instant::now();
                         let o = offline.get_or_insert_with(|| {
-                            say("connection lost, reconnecting".into());
+                            say(format!("connection lost, reconnecting{hint}"));
                             Offline { since: now, last_line: now, attempts: 0 }
                         });
                         if matches!(state, PipeState::Reconnecting) {
@@ -428,9 +433,9 @@ pub(crate) async fn report_status(mut status: watch::Receiver<PipeState>, say: i
                 if let Some(o) = offline.as_mut() {
                     o.last_line = Instant::now();
                     say(format!(
-                        "connection lost, reconnecting (attempt {}, offline {})",
+                        "connection lost, silent for {}, reconnecting (attempt {}){hint}",
+                        seconds(o.since.elapsed()),
                         o.attempts.max(1),
-                        seconds(o.since.elapsed())
                     ));
                 }
             }
@@ -581,7 +586,7 @@ mod tests {
         let (tx, rx) = watch::channel(PipeState::Connected);
         let lines = Arc::new(Mutex::new(Vec::new()));
         let sink = lines.clone();
-        let reporter = tokio::spawn(report_status(rx, move |line| {
+        let reporter = tokio::spawn(report_status(rx, "; Ctrl-C quits", move |line| {
             sink.lock().unwrap().push(line);
         }));
         let step = |state: PipeState| {
@@ -608,9 +613,9 @@ mod tests {
         assert_eq!(
             lines,
             [
-                "connection lost, reconnecting",
-                "connection lost, reconnecting (attempt 5, offline 5.0 s)",
-                "connection lost, reconnecting (attempt 10, offline 10 s)",
+                "connection lost, reconnecting; Ctrl-C quits",
+                "connection lost, silent for 5.0 s, reconnecting (attempt 5); Ctrl-C quits",
+                "connection lost, silent for 10 s, reconnecting (attempt 10); Ctrl-C quits",
                 "reconnected after 12 s",
             ]
         );

@@ -4,7 +4,7 @@
 //! stdin is read on a thread of its own, so that the process can exit when the remote service
 //! closes even while nothing ever arrives on stdin (a blocking read cannot be cancelled).
 
-use std::io::{self, Read};
+use std::io::{self, IsTerminal, Read};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -18,18 +18,23 @@ use super::common::{
     carry, report_status, session_error, termination, ClientArgs, SessionArgs, Until,
 };
 use super::CliError;
-use crate::client::ApiClient;
+use crate::client::{
+    inside_carrier, ApiClient, SshCarrier, SshCommand, SshConnector, CARRIER_LINGER,
+};
 
 /// Carry one immortal stream on stdin/stdout (for ssh's ProxyCommand).
 ///
 /// Creates a stream to TARGET_PORT on the agent and copies stdin to it and it to stdout,
-/// surviving network loss for as long as the stream lives. Exits 0 when the remote service
+/// surviving network loss for as long as the stream lives. With --via-ssh DEST the agent is
+/// reached over ssh instead: each connection is a fresh `ssh DEST immortal relay` (no token,
+/// no open port; see `immortal ssh`), and TARGET_PORT is normally ssh's %p. Exits 0 when the remote service
 /// closes the connection; end of stdin is passed on to the service as a half-close. Status goes
 /// to stderr ("connection lost, reconnecting (attempt 3, offline 12 s)", "reconnected after
 /// 12 s"). Exit codes: 3 the agent refused the token, 4 the stream is unknown or expired, 5
 /// nothing listens on TARGET_PORT, 6 the agent is full, 7 the agent cannot be reached.
 ///
-/// Example: ssh -o ProxyCommand='immortal connect --stdio --server %h:7400 %p' myhost
+/// Examples: ssh -o ProxyCommand='immortal connect --stdio --server %h:7400 %p' myhost
+///           ssh -o ProxyCommand='immortal connect --stdio --via-ssh %n %p' myhost
 #[derive(Debug, Clone, Args)]
 pub struct ConnectArgs {
     /// Use stdin and stdout as the local end (the only mode; required for clarity).
@@ -41,6 +46,28 @@ pub struct ConnectArgs {
     /// Where the agent is and how to reach it.
     #[command(flatten)]
     pub client: ClientArgs,
+    /// Reach the agent through ssh to DEST (as given to ssh: host, user@host or an alias),
+    /// starting it there if need be. Options above about the agent's address, token and TLS
+    /// do not apply. $IMMORTAL_SSH_COMMAND names the ssh to run (default: ssh).
+    #[arg(
+        long,
+        value_name = "DEST",
+        conflicts_with_all = ["websocket", "token_file", "tls_ca", "tls_pin"]
+    )]
+    pub via_ssh: Option<String>,
+    /// With --via-ssh: the immortal command on the remote host (default: `immortal`, then
+    /// `~/.local/bin/immortal`).
+    #[arg(long, value_name = "PATH", requires = "via_ssh")]
+    pub remote_command: Option<String>,
+    /// With --via-ssh: one word of the options for ssh, before DEST (repeat it:
+    /// --ssh-arg=-p --ssh-arg=2222).
+    #[arg(
+        long = "ssh-arg",
+        value_name = "ARG",
+        allow_hyphen_values = true,
+        requires = "via_ssh"
+    )]
+    pub ssh_args: Vec<String>,
     /// How the stream's connections travel and are watched.
     #[command(flatten)]
     pub session: SessionArgs,
@@ -51,8 +78,15 @@ pub struct ConnectArgs {
 /// How long a best-effort clean-up request may take on the way out.
 const CLEANUP_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How long a carrier may take to connect, log in and reach the agent: an ssh login over a
+/// slow link takes seconds (ssh's own ConnectTimeout bounds the TCP part).
+const SSH_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Runs until the remote service closes the stream.
 pub async fn run(args: ConnectArgs) -> Result<(), CliError> {
+    if let Some(dest) = args.via_ssh.clone() {
+        return run_via_ssh(args, dest).await;
+    }
     let api = args.client.api_client()?;
     // Before the stream exists, so that a failure here leaves nothing behind on the agent.
     let stdin = StdinReader::spawn().map_err(|err| CliError::Other(format!("stdin: {err}")))?;
@@ -71,11 +105,8 @@ pub async fn run(args: ConnectArgs) -> Result<(), CliError> {
             return Err(err);
         }
     };
-    let reporter = (!args.quiet).then(|| {
-        tokio::spawn(report_status(session.status(), |line| {
-            eprintln!("immortal: {line}");
-        }))
-    });
+    let reporter =
+        (!args.quiet).then(|| tokio::spawn(report_status(session.status(), QUIT_HINT, say)));
     let carried = tokio::select! {
         result = carry(&session, &mut gone, stdin, tokio::io::stdout(), Until::RemoteEnds) => result,
         signal = termination() => Err(CliError::Stopped(signal)),
@@ -110,6 +141,77 @@ pub async fn run(args: ConnectArgs) -> Result<(), CliError> {
             Err(err)
         }
     }
+}
+
+/// `connect --via-ssh`: the stream's transports are ssh carriers to `dest`.
+async fn run_via_ssh(args: ConnectArgs, dest: String) -> Result<(), CliError> {
+    if inside_carrier() {
+        return Err(CliError::Other(format!(
+            "`immortal connect --via-ssh` was started by an immortal carrier's own ssh: a \
+             ProxyCommand in your ssh configuration runs immortal for {dest} unconditionally. \
+             Let `immortal config-ssh {dest}` write that block (it does not apply to \
+             carriers), or remove it"
+        )));
+    }
+    if dest.starts_with('-') {
+        return Err(CliError::Other(format!(
+            "{dest:?} is not an ssh destination"
+        )));
+    }
+    let ssh = SshCommand::from_env().map_err(|err| CliError::Other(err.to_string()))?;
+    let carrier = SshCarrier::new(ssh, dest, args.remote_command.clone()).options(args.ssh_args);
+    let stdin = StdinReader::spawn().map_err(|err| CliError::Other(format!("stdin: {err}")))?;
+    let connector = SshConnector::new(carrier, args.target_port);
+    let mut gone = connector.gone_signal();
+    let carriers = connector.carriers();
+    let options = args
+        .session
+        .session_options()
+        .connect_timeout(SSH_CONNECT_TIMEOUT);
+    let session = Session::connect(connector, options).await.map_err(|err| {
+        gone.get()
+            .map(CliError::from)
+            .unwrap_or_else(|| session_error(&err))
+    })?;
+    let reporter =
+        (!args.quiet).then(|| tokio::spawn(report_status(session.status(), QUIT_HINT, say)));
+    let carried = tokio::select! {
+        result = carry(&session, &mut gone, stdin, tokio::io::stdout(), Until::RemoteEnds) => result,
+        signal = termination() => Err(CliError::Stopped(signal)),
+    };
+    if let Some(reporter) = reporter {
+        reporter.abort();
+    }
+    // As `run`: after a clean end, let the agent acknowledge first; after a failure or a
+    // signal (ssh hangs up its ProxyCommand once it is done), close at once.
+    match carried {
+        Ok(_) => drop(session.close().await),
+        Err(_) => drop(session),
+    }
+    // The CLOSE is on its way through the last carrier: let it get there, so the agent
+    // forgets the stream now rather than after its time to live.
+    let _ = tokio::time::timeout(CARRIER_LINGER, carriers.all_ended()).await;
+    match carried {
+        Ok(_) => Ok(()),
+        // ssh ends its ProxyCommand with SIGHUP when the session is over: a normal end.
+        Err(CliError::Stopped("SIGHUP")) => Ok(()),
+        Err(err) => Err(err),
+    }
+}
+
+/// How a person quits a session whose link is down: ssh's escape sequence (ssh runs this
+/// command as its ProxyCommand), or Ctrl-C for anything else.
+const QUIT_HINT: &str = "; to quit, type Enter ~ . (ssh) or Ctrl-C";
+
+/// Prints a status line on stderr. When stderr is a terminal it may be one that ssh has put in
+/// raw mode, where a bare newline would leave the next line starting where this one ended.
+fn say(line: String) {
+    let end = if io::stderr().is_terminal() {
+        "\r\n"
+    } else {
+        "\n"
+    };
+    eprint!("immortal: {line}{end}");
 }
 
 /// Deletes the stream if the agent can be asked within [`CLEANUP_TIMEOUT`]; a failure is only

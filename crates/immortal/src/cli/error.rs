@@ -14,6 +14,7 @@ use std::process::ExitCode;
 /// | 5 | the agent could not connect to the target port ([`CliError::DialFailed`]) |
 /// | 6 | the agent is full ([`CliError::TooManyStreams`]) |
 /// | 7 | the agent could not be reached ([`CliError::Unreachable`]) |
+/// | 8 | `immortal agent`: another agent runs for this user ([`CliError::AgentRunning`]) |
 /// | 130 | stopped by a signal ([`CliError::Stopped`]); SIGHUP ends `connect` with 0, silently (ssh sends it when the session is over) |
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -38,6 +39,9 @@ pub enum CliError {
         /// Why it failed.
         reason: String,
     },
+    /// `immortal agent` found another agent of the same user running.
+    #[error("{0}")]
+    AgentRunning(String),
     /// The process was asked to stop (the signal's name).
     #[error("stopped by {0}")]
     Stopped(&'static str),
@@ -56,6 +60,7 @@ impl CliError {
             CliError::DialFailed(_) => 5,
             CliError::TooManyStreams(_) => 6,
             CliError::Unreachable { .. } => 7,
+            CliError::AgentRunning(_) => 8,
             CliError::Stopped(_) => 130,
         })
     }

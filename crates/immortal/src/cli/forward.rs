@@ -195,7 +195,7 @@ impl Forwarding {
                 .unwrap_or_else(|| session_error(&err))
         })?;
         let number = self.number;
-        let reporter = tokio::spawn(report_status(session.status(), move |line| {
+        let reporter = tokio::spawn(report_status(session.status(), "", move |line| {
             tracing::info!(connection = number, "{line}");
         }));
         let (input, output) = tcp.into_split();

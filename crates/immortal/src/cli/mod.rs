@@ -1,14 +1,18 @@
 //! The subcommands of the `immortal` binary, one file each, and what they share: the error
 //! type with its exit codes, logging, and the options every client subcommand takes.
 
+pub mod agent;
 pub mod common;
+pub mod config_ssh;
 pub mod connect;
 pub mod demo;
 mod error;
 pub mod forward;
 pub mod ls;
+pub mod relay;
 pub mod rm;
 pub mod serve;
+pub mod ssh;
 
 pub use self::error::CliError;
 

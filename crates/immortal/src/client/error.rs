@@ -74,16 +74,45 @@ pub enum ClientError {
     /// The connection to the agent failed during a request.
     #[error("the connection to the agent failed: {0}")]
     Io(Arc<io::Error>),
+    /// The remote host of an ssh carrier has no such command: its shell answered 127
+    /// ("command not found"). Nothing later can succeed until it is installed there.
+    #[error(
+        "{host} has no `{command}` on its PATH ({said}); install it there with `immortal ssh \
+         --install {host}`, or name it with --remote-command PATH"
+    )]
+    RemoteMissing {
+        /// The destination given to ssh.
+        host: String,
+        /// The command tried.
+        command: String,
+        /// What the remote shell said.
+        said: String,
+    },
+    /// The ssh carrier ended before the agent answered: ssh could not connect or log in, or
+    /// `immortal relay` failed on the remote host.
+    #[error("the ssh carrier to {host} {ended}: {said}")]
+    Carrier {
+        /// The destination given to ssh.
+        host: String,
+        /// How the ssh process ended ("exited with status 255").
+        ended: String,
+        /// The last lines ssh (or the relay) wrote to its stderr.
+        said: String,
+    },
 }
 
 impl ClientError {
-    /// True for answers that mean a stream can never be carried again: it is gone (404) or the
-    /// agent no longer accepts this client's token (401). A connection that failed for any
+    /// True for answers that mean a stream can never be carried again: it is gone (404), the
+    /// agent no longer accepts this client's token (401), or an ssh carrier's remote host has no
+    /// `immortal`. A connection that failed for any
     /// other reason is worth retrying.
     pub fn ends_stream(&self) -> bool {
         matches!(
             self,
-            ClientError::NotFound(_) | ClientError::Unauthorized(_) | ClientError::AttachRefused(_)
+            ClientError::NotFound(_)
+                | ClientError::Unauthorized(_)
+                | ClientError::AttachRefused(_)
+                | ClientError::RemoteMissing { .. }
         )
     }
 

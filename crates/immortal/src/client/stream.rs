@@ -252,6 +252,25 @@ impl Connector for StreamConnector {
 pub struct GoneSignal(watch::Receiver<Option<ClientError>>);
 
 impl GoneSignal {
+    /// A signal raised through `sender`.
+    pub(super) fn new(sender: &watch::Sender<Option<ClientError>>) -> GoneSignal {
+        GoneSignal(sender.subscribe())
+    }
+
+    /// Raises `err` on `sender` if it ends the stream and nothing was raised before (the first
+    /// reason is the one reported).
+    pub(super) fn raise(sender: &watch::Sender<Option<ClientError>>, err: &ClientError) {
+        if err.ends_stream() {
+            sender.send_if_modified(|gone| {
+                let first = gone.is_none();
+                if first {
+                    *gone = Some(err.clone());
+                }
+                first
+            });
+        }
+    }
+
     /// The reason, if the stream is already known to be gone.
     pub fn get(&self) -> Option<ClientError> {
         self.0.borrow().clone()

@@ -22,6 +22,7 @@ mod connections;
 mod metrics;
 mod registry;
 mod routes;
+mod socket_agent;
 mod stream;
 mod upgrade;
 
@@ -47,6 +48,7 @@ use self::connections::{ConnectionGate, Ticket};
 use self::metrics::Metrics;
 use self::registry::Registry;
 pub use self::registry::{RemovalReason, StreamEvent};
+pub use self::socket_agent::{SocketAgent, SocketAgentConfig, SocketAgentError, Stopped};
 
 /// How long [`Agent::run_until`] waits for the streams to close once told to stop: enough for
 /// each session's CLOSE to leave (a session waits about a second for that).

@@ -260,6 +260,11 @@ impl Registry {
         let _ = count.wait_for(|&count| count == 0).await;
     }
 
+    /// The number of streams held, as it changes.
+    pub(crate) fn held(&self) -> watch::Receiver<usize> {
+        self.inner.count.subscribe()
+    }
+
     /// Whether a new stream would fit, evicting if need be.
     fn has_room(&self) -> bool {
         let table = self.table();

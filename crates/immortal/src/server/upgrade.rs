@@ -198,8 +198,9 @@ fn websocket_key(headers: &HeaderMap) -> Result<&str, ApiFailure> {
         })
 }
 
-/// Runs the session handshake on an upgraded connection of `stream`.
-async fn attach(
+/// Runs the session handshake on an upgraded connection of `stream` (or on a connection to
+/// the agent's Unix socket, after its request line).
+pub(super) async fn attach(
     stream: &Stream,
     mut io: BoxIo,
     ticket: Option<Arc<Ticket>>,

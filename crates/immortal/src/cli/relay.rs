@@ -1,0 +1,165 @@
+//! `immortal relay`: what an ssh carrier runs on the remote host. It connects to the user's
+//! agent (starting one, detached, if none answers) and copies stdin to the agent's socket and
+//! the socket to stdout until either ends.
+//!
+//! Plain threads and blocking I/O: a relay carries one connection, and a blocking read of
+//! stdin cannot be cancelled anyway (the process exits when the socket is done).
+
+use std::fs::OpenOptions;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use clap::Args;
+
+use super::CliError;
+use crate::runtime_dir::{FileLock, RuntimeDir, RUNTIME_DIR_ENV};
+
+/// Relay stdin and stdout to your agent, starting it if need be (run by ssh carriers).
+///
+/// `immortal ssh` and `immortal connect --via-ssh` run `ssh HOST immortal relay` for each
+/// connection of a stream. The relay connects to your agent's Unix socket (see `immortal agent
+/// --help` for where it is), or starts the agent detached when none answers, and then copies
+/// bytes both ways until either side ends. Racing relays start one agent between them.
+#[derive(Debug, Clone, Args)]
+pub struct RelayArgs {
+    /// When this relay starts the agent: how long the agent stays up holding no stream.
+    #[arg(
+        long,
+        env = "IMMORTAL_AGENT_IDLE_EXIT",
+        value_name = "DURATION",
+        default_value = "10m",
+        value_parser = humantime::parse_duration
+    )]
+    pub agent_idle_exit: Duration,
+}
+
+/// The size of each copy.
+const CHUNK: usize = 64 * 1024;
+/// A log longer than this is moved aside (to `agent.log.old`) when a relay starts an agent.
+const MAX_LOG: u64 = 1 << 20;
+
+/// Connects (or starts the agent and connects) and relays until the agent or stdin ends.
+pub fn run(args: RelayArgs) -> Result<(), CliError> {
+    let dir = RuntimeDir::locate();
+    dir.ensure()
+        .map_err(|err| CliError::Other(err.to_string()))?;
+    let socket = connect_or_start(&dir, args.agent_idle_exit)?;
+    relay(socket).map_err(|err| CliError::Other(format!("relaying failed: {err}")))
+}
+
+/// The agent's socket, connected; the agent is started first if none answers. Relays that
+/// find no agent take turns (a lock file), so only the first starts one and the others find it.
+fn connect_or_start(dir: &RuntimeDir, idle_exit: Duration) -> Result<UnixStream, CliError> {
+    if let Ok(socket) = UnixStream::connect(dir.socket()) {
+        return Ok(socket);
+    }
+    let lock_path = dir.start_lock();
+    let _starting = FileLock::acquire(&lock_path)
+        .map_err(|err| CliError::Other(format!("cannot lock {}: {err}", lock_path.display())))?;
+    if let Ok(socket) = UnixStream::connect(dir.socket()) {
+        return Ok(socket);
+    }
+    start_agent(dir, idle_exit)?;
+    UnixStream::connect(dir.socket()).map_err(|err| {
+        CliError::Other(format!(
+            "the agent started but its socket {} does not answer: {err}",
+            dir.socket().display()
+        ))
+    })
+}
+
+/// Starts `immortal agent` detached (its own process group, stdio away from the carrier, its
+/// log in the directory) and waits until it listens.
+fn start_agent(dir: &RuntimeDir, idle_exit: Duration) -> Result<(), CliError> {
+    let failed = |what: &str, err: io::Error| CliError::Other(format!("{what}: {err}"));
+    let exe = std::env::current_exe().map_err(|err| failed("cannot find this program", err))?;
+    let log_path = dir.log();
+    if std::fs::metadata(&log_path).is_ok_and(|m| m.len() > MAX_LOG) {
+        let _ = std::fs::rename(&log_path, log_path.with_extension("log.old"));
+    }
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(&log_path)
+        .map_err(|err| failed(&format!("cannot open {}", log_path.display()), err))?;
+    let mut child = Command::new(exe)
+        .arg("agent")
+        .arg("--idle-exit")
+        .arg(humantime::format_duration(idle_exit).to_string())
+        .env(RUNTIME_DIR_ENV, dir.path())
+        // The log is a file: no colour codes in it.
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        // Not in the carrier's process group: signals meant for the carrier's session (a
+        // hang-up when it ends) do not reach the agent.
+        .process_group(0)
+        .spawn()
+        .map_err(|err| failed("cannot start the agent", err))?;
+    let Some(stdout) = child.stdout.take() else {
+        return Err(CliError::Other("the agent's stdout is missing".into()));
+    };
+    let mut line = String::new();
+    let read = BufReader::new(stdout).read_line(&mut line);
+    if read.is_ok() && line.starts_with("listening on ") {
+        // Not waited for: the agent outlives this relay.
+        return Ok(());
+    }
+    let status = child
+        .wait()
+        .map(|s| s.to_string())
+        .unwrap_or_else(|err| err.to_string());
+    Err(CliError::Other(format!(
+        "the agent did not start ({status}); see {}",
+        log_path.display()
+    )))
+}
+
+/// Copies stdin to the socket (then half-closes it) and the socket to stdout, until the
+/// socket ends.
+fn relay(socket: UnixStream) -> io::Result<()> {
+    let mut to_agent = socket.try_clone()?;
+    std::thread::Builder::new()
+        .name("immortal-relay-stdin".into())
+        .spawn(move || {
+            let mut stdin = io::stdin().lock();
+            let mut buf = vec![0u8; CHUNK];
+            loop {
+                match stdin.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        if to_agent.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                    Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => break,
+                }
+            }
+            let _ = to_agent.shutdown(std::net::Shutdown::Write);
+        })?;
+    let mut from_agent = socket;
+    let mut stdout = io::stdout().lock();
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let n = match from_agent.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+            Err(err) => return Err(err),
+        };
+        // Each chunk at once: stdout is line-buffered, and these are not lines.
+        match stdout.write_all(&buf[..n]).and_then(|()| stdout.flush()) {
+            Ok(()) => {}
+            // The carrier is gone: nothing to relay to.
+            Err(err) if err.kind() == io::ErrorKind::BrokenPipe => return Ok(()),
+            Err(err) => return Err(err),
+        }
+    }
+}

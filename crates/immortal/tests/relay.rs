@@ -1,0 +1,153 @@
+//! `immortal relay` and the per-user agent it starts, without ssh: racing relays end with one
+//! agent, and an agent a relay started exits once it has been idle for its configured time.
+//!
+//! Each test has its own runtime directory (`IMMORTAL_RUNTIME_DIR`), so nothing touches the
+//! user's real agent. An agent's exit is waited for on its lock file, which the kernel
+//! releases when the process ends.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use immortal::runtime_dir::FileLock;
+
+/// A hang fails the test after this long instead of blocking CI.
+const OVERALL: Duration = Duration::from_secs(60);
+
+fn relay(dir: &Path, idle: &str) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_immortal"))
+        .arg("relay")
+        .env("IMMORTAL_RUNTIME_DIR", dir)
+        .env("IMMORTAL_AGENT_IDLE_EXIT", idle)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn immortal relay")
+}
+
+/// Sends `request` through a relay, closes its input, and returns the agent's answer.
+fn ask(mut child: Child, request: &str) -> String {
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(request.as_bytes()).unwrap();
+    drop(stdin);
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "relay failed ({status}): {err}");
+    out
+}
+
+fn info(child: Child) -> String {
+    ask(child, "immortal/1 info\n")
+}
+
+/// The pid in an `ok pid=N,streams=M` answer.
+fn pid_of(answer: &str) -> u32 {
+    let rest = answer
+        .strip_prefix("ok pid=")
+        .unwrap_or_else(|| panic!("not an info answer: {answer:?}"));
+    rest.split(',').next().unwrap().parse().unwrap()
+}
+
+/// Processes running `immortal agent` for `dir`.
+fn agents_for(dir: &Path) -> Vec<u32> {
+    let wanted = format!("IMMORTAL_RUNTIME_DIR={}", dir.display());
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let (Ok(cmdline), Ok(environ)) = (
+            std::fs::read(entry.path().join("cmdline")),
+            std::fs::read(entry.path().join("environ")),
+        ) else {
+            continue;
+        };
+        let is_agent = cmdline.split(|b| *b == 0).nth(1) == Some(b"agent".as_slice());
+        let ours = environ.split(|b| *b == 0).any(|v| v == wanted.as_bytes());
+        if is_agent && ours {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Waits (on another thread, within `OVERALL`) until the agent of `dir` has exited.
+fn wait_for_agent_exit(dir: &Path) {
+    let lock: PathBuf = dir.join("agent.lock");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(FileLock::acquire(&lock).map(drop));
+    });
+    match rx.recv_timeout(OVERALL) {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => panic!("cannot lock the agent's lock file: {err}"),
+        Err(_) => panic!("the agent did not exit within {OVERALL:?}"),
+    }
+}
+
+#[test]
+fn racing_relays_leave_one_agent() {
+    let base = tempfile::tempdir().unwrap();
+    let dir = base.path().join("rt");
+    // A service for the streams: the kernel accepts its connections.
+    let service = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = service.local_addr().unwrap().port();
+    // All started before any asks: each finds no agent and races to start one. Each creates
+    // a stream, which the agent holds (so it cannot go idle meanwhile).
+    let relays: Vec<Child> = (0..4).map(|_| relay(&dir, "10m")).collect();
+    let request = format!("immortal/1 new {port}\n");
+    let mut ids: Vec<String> = relays.into_iter().map(|r| ask(r, &request)).collect();
+    for id in &ids {
+        assert!(
+            id.starts_with("ok ") && id.len() == 36,
+            "not a stream id: {id:?}"
+        );
+    }
+    ids.dedup();
+    assert_eq!(ids.len(), 4, "{ids:?}");
+    // One agent holds all four streams.
+    let answer = info(relay(&dir, "10m"));
+    let pid = pid_of(answer.trim_end());
+    assert!(answer.trim_end().ends_with(",streams=4"), "{answer:?}");
+    assert_eq!(agents_for(&dir), [pid], "agents running for the directory");
+    let killed = Command::new("kill").arg(pid.to_string()).status().unwrap();
+    assert!(killed.success());
+    wait_for_agent_exit(&dir);
+    assert!(agents_for(&dir).is_empty(), "an agent is left");
+}
+
+#[test]
+fn an_idle_relay_started_agent_exits() {
+    let base = tempfile::tempdir().unwrap();
+    let dir = base.path().join("rt");
+    let answer = info(relay(&dir, "1s"));
+    assert!(answer.starts_with("ok pid="), "{answer:?}");
+    assert!(dir.join("agent.sock").exists());
+    wait_for_agent_exit(&dir);
+    assert!(
+        !dir.join("agent.sock").exists(),
+        "the idle agent left its socket behind"
+    );
+    let log = std::fs::read_to_string(dir.join("agent.log")).unwrap();
+    assert!(
+        log.contains("no stream for 1s; exiting"),
+        "agent log:\n{log}"
+    );
+}
