@@ -1,25 +1,36 @@
 //! A byte stream that survives the loss of its transport.
 //!
-//! A TCP connection dies when a laptop sleeps, the Wi-Fi changes or a NAT forgets it. A
-//! [`BackedPipe`] gives a bidirectional byte stream that outlives any of its connections: every
-//! byte written is delivered exactly once and in order across any number of reconnects, memory
-//! is bounded by a configurable replay buffer, and when recovery is truly impossible the pipe
-//! fails with a typed [`Error`] instead of hanging.
+//! A TCP connection dies when a laptop sleeps, the Wi-Fi changes or a NAT forgets it. This crate
+//! gives a bidirectional byte stream that outlives any of its connections: every byte written
+//! is delivered exactly once and in order across any number of reconnects, memory is bounded,
+//! and when recovery is truly impossible the stream fails with a typed [`Error`] instead of
+//! hanging.
 //!
-//! This crate reimplements the behaviour of Coder's Go `backedpipe` package (the README maps
-//! every Go item to its Rust counterpart) and fixes its known defects: close interrupts a
-//! reconnect in progress, failed reconnects are retried with backoff, an impossible replay fails
-//! reads and writes instead of hanging them, memory is committed only as bytes are written, and
-//! no lock is held across network I/O.
+//! # Two worlds: pick one
+//!
+//! | | [`BackedPipe`] (raw mode) | [`Session`] (session mode) |
+//! |---|---|---|
+//! | use it when | you need Coder's Go `backedpipe` behaviour and wire format, or you own the reconnect handshake | anything else |
+//! | on the wire | the bytes as written, nothing added (interoperates with the Go pipe) | frames of [`docs/PROTOCOL.md`](proto): DATA, ACK, PING/PONG, FIN, CLOSE |
+//! | reconnecting | your [`Reconnector`] dials and exchanges offsets | built in: a [`Connector`] dials, the resume is proved with the session's secret (HMAC), one round trip |
+//! | replay buffer | keeps the newest `capacity` bytes; a peer further behind cannot resume ([`Error::ReplayDataUnavailable`]) | keeps every unacknowledged byte; writes wait at the capacity, nothing is ever evicted |
+//! | dead path | noticed when the OS gives up | heartbeats: a silent path is replaced within about two intervals |
+//! | end of stream | none (the Go pipe has none) | [`Session::shutdown`] sends FIN, [`Session::close`] sends CLOSE |
+//! | server side | [`BackedPipe::passive`] + [`BackedPipe::accept_reconnection`] | [`SessionServer`] or [`SessionListener`] |
+//! | memory | the replay buffer's capacity | capacity + receive limit + a few KiB, whatever the peer does |
+//!
+//! The two share the replay buffer ([`ReplayBuffer`]) and the retry timing ([`Backoff`]) and
+//! nothing else.
 //!
 //! The parts, each in its own module:
-//! - [`ReplayBuffer`]: the bytes sent, kept for replay;
-//! - [`BackedWriter`] and [`BackedReader`]: the two halves, each surviving transport loss;
-//! - [`BackedPipe`]: both halves over one connection, with a background task that reconnects
-//!   through a [`Reconnector`];
-//! - [`Backoff`] and [`PipeConfig`]: retry timing and settings;
-//! - [`session`]: the sans-IO core of session mode (acks, heartbeats, liveness);
-//! - [`proto`]: the session protocol's wire layer (frames, decoder, handshake), sans-IO.
+//! - raw mode: [`ReplayBuffer`], [`BackedWriter`] and [`BackedReader`] (the two halves, each
+//!   surviving transport loss), [`BackedPipe`] (both halves over one connection, with a
+//!   background task that reconnects through a [`Reconnector`]), [`PipeConfig`];
+//! - [`session`]: session mode, a sans-IO [`session::Connection`] per session driven by one
+//!   task, with [`Session`], [`SessionServer`] and [`SessionListener`];
+//! - [`proto`]: the session protocol's wire layer (frames, decoder, handshake), sans-IO;
+//! - transports: [`Io`], [`Connector`], [`TcpConnector`], `UnixConnector`, [`TlsConnector`] and
+//!   [`TlsAcceptor`].
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
@@ -42,6 +53,7 @@
 #![warn(missing_docs, unreachable_pub, unused_qualifications)]
 
 mod backoff;
+mod budget;
 mod cold_copy;
 mod config;
 mod error;

@@ -19,6 +19,7 @@ use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
+use crate::budget;
 use crate::error::{Error, Result};
 use crate::event::{Component, ErrorEvent, EventSender};
 use crate::wake::WaitList;
@@ -149,7 +150,7 @@ impl<R: AsyncRead + Unpin> BackedReader<R> {
             return Poll::Pending;
         };
         let before = buf.filled().len();
-        match Pin::new(source).poll_read(&mut tcx, buf) {
+        match budget::poll_transport(&mut tcx, |tcx| Pin::new(source).poll_read(tcx, buf)) {
             Poll::Ready(Ok(())) if buf.filled().len() > before => {
                 st.seq += (buf.filled().len() - before) as u64;
                 Poll::Ready(Ok(()))

@@ -20,8 +20,12 @@ pub type BoxIo = Box<dyn Io>;
 
 /// Opens a fresh transport to the server, for a session's first connection and every resume.
 ///
-/// The session runs its handshake over what this returns and bounds the whole attempt with its
-/// connect timeout, so an implementation needs no timeout of its own.
+/// The session bounds each call with its
+/// [`connect_timeout`](crate::SessionOptions::connect_timeout) (3 s), then runs its handshake
+/// over what this returns within the
+/// [`handshake_timeout`](crate::SessionOptions::handshake_timeout) (10 s): a resume whose HELLO
+/// is never answered is abandoned after that, not after the connect timeout. An implementation
+/// needs no timeout of its own.
 ///
 /// A failure is retried with backoff, unless the `io::Error` wraps one of this crate's terminal
 /// errors (`io::Error::other(Error::SessionExpired(id))`, say, when an outer protocol such as an

@@ -16,6 +16,7 @@ use std::task::{ready, Context, Poll, Waker};
 
 use tokio::io::AsyncWrite;
 
+use crate::budget;
 use crate::error::{Error, Result};
 use crate::event::{Component, ErrorEvent, EventSender};
 use crate::ring::ReplayBuffer;
@@ -280,7 +281,9 @@ impl<W: AsyncWrite + Unpin> BackedWriter<W> {
         let (Link::Up, Some(transport)) = (st.link, st.transport.as_mut()) else {
             return Poll::Pending;
         };
-        let outcome = ready!(Pin::new(transport).poll_write(&mut tcx, chunk));
+        let outcome = ready!(budget::poll_transport(&mut tcx, |tcx| {
+            Pin::new(transport).poll_write(tcx, chunk)
+        }));
         let n = match outcome {
             Ok(n) if n > 0 => {
                 st.sent_seq += n as u64;

@@ -147,3 +147,34 @@ async fn a_long_replay_lets_other_tasks_run_before_it_ends() {
         "the replay wrote all {taken} bytes before another task could run"
     );
 }
+
+/// Over a transport that spends the budget itself (tokio's sockets and duplex do), a pipe
+/// operation still costs the task one unit of its budget, not two: a writing task yields after
+/// about as many writes as it would make to the bare transport (tokio's budget is 128), not
+/// after half as many. Counted twice, the budget made the runtime's workers trade the tasks
+/// of a throughput run between them thousands of times per GiB.
+#[tokio::test(flavor = "current_thread")]
+async fn a_pipe_write_over_a_tokio_transport_spends_one_unit_of_budget() {
+    let (ours, _theirs) = tokio::io::duplex(1 << 20);
+    let conn = std::sync::Mutex::new(Some(ours));
+    let pipe = BackedPipe::new(reconnector_fn(move |_| {
+        let conn = conn.lock().unwrap().take();
+        async move {
+            conn.map(|c| (c, 0))
+                .ok_or_else(|| BoxError::from("dialled twice"))
+        }
+    }))
+    .unwrap();
+    pipe.connect().await.unwrap();
+    let ran = other_task();
+    let mut writes = 0;
+    while !ran.load(Ordering::SeqCst) && writes < 1000 {
+        assert_eq!(pipe.write(b"x").await.unwrap(), 1);
+        writes += 1;
+    }
+    assert!(ran.load(Ordering::SeqCst), "the writing task never yielded");
+    assert!(
+        writes > 100,
+        "yielded after {writes} writes: the budget was spent twice per write"
+    );
+}

@@ -271,6 +271,30 @@ async fn an_oversized_frame_in_place_of_hello_gets_frame_too_large() {
     .await;
 }
 
+/// A peer that has proved nothing cannot make the server buffer a frame a handshake never
+/// needs: a DATA header announcing 1 MiB (a size DATA may have) in place of HELLO is refused on
+/// its five bytes.
+#[tokio::test(start_paused = true)]
+async fn a_data_frame_in_place_of_hello_is_refused_at_its_header() {
+    guarded(async {
+        let table = SessionServer::new(options());
+        let (client, server) = live_session(&table).await;
+        let (mut peer, accept) = RawPeer::open(&table);
+        let mut header = [0u8; HEADER_LEN];
+        header[0] = 0x01;
+        header[1..].copy_from_slice(&(1u32 << 20).to_be_bytes());
+        peer.io.write_all(&header).await.unwrap();
+        assert_eq!(peer.close_code().await, CloseCode::ProtocolViolation);
+        match accept.await.unwrap() {
+            Err(Error::Protocol(message)) => assert!(message.contains("DATA"), "{message}"),
+            other => panic!("expected a protocol error, got {other:?}"),
+        }
+        assert_eq!(table.session_count(), 1, "no session was made");
+        assert_undisturbed(&client, &server).await;
+    })
+    .await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_resume_hello_with_a_lying_length_aimed_at_a_live_session_is_refused_from_its_header() {
     guarded(async {

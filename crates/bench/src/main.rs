@@ -190,14 +190,16 @@ async fn throughput(
         };
         let (ru, pu) = (between.since(before), Usage::now().since(between));
         eprintln!(
-            "pair {i}: raw {r:.0} MB/s, pipe {p:.0} MB/s, ratio {:.3}; user/sys ms, minor faults: raw {:.0}/{:.0}, {:.0}; pipe {:.0}/{:.0}, {:.0}",
+            "pair {i}: raw {r:.0} MB/s, pipe {p:.0} MB/s, ratio {:.3}; user/sys ms, minor faults, voluntary switches: raw {:.0}/{:.0}, {:.0}, {:.0}; pipe {:.0}/{:.0}, {:.0}, {:.0}",
             p / r,
             ru.user_ms,
             ru.sys_ms,
             ru.minflt,
+            ru.nvcsw,
             pu.user_ms,
             pu.sys_ms,
-            pu.minflt
+            pu.minflt,
+            pu.nvcsw
         );
         if i > 0 {
             // Pair 0 warms pages and caches; it is not counted.
@@ -216,17 +218,20 @@ async fn throughput(
             "raw_tcp_mb_s": round(raw_mb_s), "pipe_mb_s": round(pipe_mb_s), "ratio": round3(ratio),
             "raw_user_ms": round(ru.user_ms), "raw_sys_ms": round(ru.sys_ms), "raw_minflt": round(ru.minflt),
             "pipe_user_ms": round(pu.user_ms), "pipe_sys_ms": round(pu.sys_ms), "pipe_minflt": round(pu.minflt),
+            "raw_nvcsw": round(ru.nvcsw), "pipe_nvcsw": round(pu.nvcsw),
         }),
         text: format!(
             "throughput ({} mode, {cpus} cpu, {bytes} bytes, {pairs} pairs): raw TCP {raw_mb_s:.0} MB/s, pipe {pipe_mb_s:.0} MB/s, ratio {ratio:.3}\n\
-             per run (medians, the whole process, setup and teardown included): raw TCP {:.0} ms user, {:.0} ms sys, {:.0} minor faults; pipe {:.0} ms user, {:.0} ms sys, {:.0} minor faults",
+             per run (medians, the whole process, setup and teardown included): raw TCP {:.0} ms user, {:.0} ms sys, {:.0} minor faults, {:.0} voluntary switches; pipe {:.0} ms user, {:.0} ms sys, {:.0} minor faults, {:.0} voluntary switches",
             mode.name(),
             ru.user_ms,
             ru.sys_ms,
             ru.minflt,
+            ru.nvcsw,
             pu.user_ms,
             pu.sys_ms,
-            pu.minflt
+            pu.minflt,
+            pu.nvcsw
         ),
     })
 }

@@ -38,6 +38,8 @@ pub struct Usage {
     pub sys_ms: f64,
     /// Minor page faults.
     pub minflt: f64,
+    /// Voluntary context switches (a thread blocking: a worker parking with nothing to run).
+    pub nvcsw: f64,
 }
 
 impl Usage {
@@ -55,6 +57,7 @@ impl Usage {
             user_ms: ms(usage.ru_utime),
             sys_ms: ms(usage.ru_stime),
             minflt: usage.ru_minflt as f64,
+            nvcsw: usage.ru_nvcsw as f64,
         }
     }
 
@@ -64,6 +67,7 @@ impl Usage {
             user_ms: self.user_ms - earlier.user_ms,
             sys_ms: self.sys_ms - earlier.sys_ms,
             minflt: self.minflt - earlier.minflt,
+            nvcsw: self.nvcsw - earlier.nvcsw,
         }
     }
 
@@ -74,6 +78,7 @@ impl Usage {
             user_ms: field(|u| u.user_ms),
             sys_ms: field(|u| u.sys_ms),
             minflt: field(|u| u.minflt),
+            nvcsw: field(|u| u.nvcsw),
         }
     }
 }

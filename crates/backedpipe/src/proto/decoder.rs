@@ -56,6 +56,9 @@ pub struct FrameDecoder {
     buf: BytesMut,
     state: ReadState,
     error: Option<DecodeError>,
+    /// Before the handshake ends only handshake frames and CLOSE are accepted, so a peer that
+    /// has proved nothing can make us buffer no more than one of those (at most 265 bytes).
+    handshake: bool,
 }
 
 impl Default for FrameDecoder {
@@ -71,7 +74,32 @@ impl FrameDecoder {
             buf: BytesMut::new(),
             state: ReadState::Header,
             error: None,
+            handshake: false,
         }
+    }
+
+    /// A decoder for a transport whose handshake has not finished: any frame but HELLO,
+    /// WELCOME, RESUMED and CLOSE is refused at its header
+    /// ([`DecodeError::NotAHandshakeFrame`]), so nothing of a frame a handshake never needs is
+    /// buffered. Call [`end_handshake`](Self::end_handshake) once the handshake is done.
+    ///
+    /// ```
+    /// use backedpipe::proto::{DecodeError, Frame, FrameDecoder, FrameType};
+    ///
+    /// let mut decoder = FrameDecoder::handshake();
+    /// decoder.push(&[0x01, 0x00, 0x10, 0x00, 0x00]); // a DATA header announcing 1 MiB
+    /// assert_eq!(decoder.next_frame(), Err(DecodeError::NotAHandshakeFrame(FrameType::Data)));
+    /// ```
+    pub fn handshake() -> FrameDecoder {
+        FrameDecoder {
+            handshake: true,
+            ..FrameDecoder::new()
+        }
+    }
+
+    /// The handshake is done: every frame type is accepted from now on.
+    pub fn end_handshake(&mut self) {
+        self.handshake = false;
     }
 
     /// Appends received bytes. Ignored once the decoder has failed.
@@ -124,6 +152,13 @@ impl FrameDecoder {
                     let mut head = [0u8; HEADER_LEN];
                     head.copy_from_slice(&self.buf[..HEADER_LEN]);
                     let header = FrameHeader::parse(head)?;
+                    let frame_type = header.frame_type;
+                    if self.handshake
+                        && !frame_type.is_handshake()
+                        && frame_type != FrameType::Close
+                    {
+                        return Err(DecodeError::NotAHandshakeFrame(frame_type));
+                    }
                     self.buf.advance(HEADER_LEN);
                     self.state = ReadState::Payload { header };
                 }

@@ -165,6 +165,10 @@ pub enum DecodeError {
     /// A CLOSE reason is not UTF-8.
     #[error("close reason is not valid UTF-8")]
     InvalidUtf8,
+    /// Before the handshake finished, the peer began a frame that is neither a handshake frame
+    /// nor CLOSE; refused at its header (see [`FrameDecoder::handshake`](super::FrameDecoder::handshake)).
+    #[error("{0} frame before the handshake finished")]
+    NotAHandshakeFrame(FrameType),
 }
 
 impl DecodeError {

@@ -91,7 +91,7 @@ fn handshake_error(err: HandshakeError, session: Option<SessionId>) -> Error {
 pub(crate) async fn client_new(io: &mut BoxIo) -> Result<(Established, FrameDecoder), Error> {
     let (state, hello) = ClientHandshake::new_session();
     write_frame(io, &hello).await?;
-    let mut decoder = FrameDecoder::new();
+    let mut decoder = FrameDecoder::handshake();
     let frame = read_frame(io, &mut decoder).await?;
     match state.handle_frame(frame) {
         Ok(established) => Ok((established, decoder)),
@@ -110,7 +110,7 @@ pub(crate) async fn client_resume(
 ) -> Result<(Established, FrameDecoder), Error> {
     let (state, hello) = ClientHandshake::resume(session_id, secret, attempt, reader_seq);
     write_frame(io, &hello).await?;
-    let mut decoder = FrameDecoder::new();
+    let mut decoder = FrameDecoder::handshake();
     let frame = read_frame(io, &mut decoder).await?;
     match state.handle_frame(frame) {
         Ok(established) => Ok((established, decoder)),

@@ -165,7 +165,7 @@ impl SessionServer {
     }
 
     async fn handshake(&self, io: &mut BoxIo) -> Result<Accepted> {
-        let mut decoder = FrameDecoder::new();
+        let mut decoder = FrameDecoder::handshake();
         let hello = read_frame(io, &mut decoder).await?;
         let mut lookup = |id: &SessionId| {
             let table = self.table();

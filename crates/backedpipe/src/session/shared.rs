@@ -126,6 +126,9 @@ impl Wakers {
     }
 
     fn wake(&self, wakes: Wakes) {
+        if !(wakes.reader || wakes.writers || wakes.driver) {
+            return;
+        }
         let (reader, writers, driver) = {
             let mut slots = self.lock();
             let reader = wakes.reader.then(|| slots.reader.take()).flatten();
@@ -348,7 +351,7 @@ impl Shared {
         if read {
             let mut cx = Context::from_waker(&self.read_waker);
             progress |= !matches!(
-                st.poll_receive(&mut cx, now),
+                st.poll_receive(&mut cx, now, usize::MAX),
                 Poll::Pending | Poll::Ready(Received::Nothing)
             );
         }
@@ -464,21 +467,25 @@ impl State {
                 }
                 continue;
             }
-            match self.poll_receive(&mut rcx, now) {
+            // No further than the current frame: the payload after a DATA header then goes
+            // straight into the caller's buffer.
+            let wanted = self.conn.frame_wanted().max(1);
+            match self.poll_receive(&mut rcx, now, wanted) {
                 Poll::Pending | Poll::Ready(Received::Nothing) => return Poll::Pending,
                 Poll::Ready(Received::Bytes | Received::Lost) => {}
             }
         }
     }
 
-    /// Reads the transport into the connection's receive buffer once.
-    fn poll_receive(&mut self, cx: &mut Context<'_>, now: Instant) -> Poll<Received> {
+    /// Reads the transport into the connection's receive buffer once, at most `limit` bytes.
+    fn poll_receive(&mut self, cx: &mut Context<'_>, now: Instant, limit: usize) -> Poll<Received> {
         let Some(io) = self.io.as_mut() else {
             return Poll::Ready(Received::Nothing);
         };
         let Some((buf, max)) = self.conn.receive_buffer() else {
             return Poll::Ready(Received::Nothing);
         };
+        let max = max.min(limit);
         let before = buf.len();
         let result = {
             let mut limited = bytes::BufMut::limit(&mut *buf, max);

@@ -355,6 +355,8 @@ impl Connection {
             return Err(err);
         }
         self.send.check_resume(peer_offset)?;
+        let mut decoder = decoder;
+        decoder.end_handshake();
         self.send.on_new_path(peer_offset);
         self.recv.on_new_path();
         self.path = Some(Path::new(decoder, peer_offset));
@@ -457,6 +459,16 @@ impl Connection {
             self.on_received(now, n);
         }
         taken
+    }
+
+    /// How many more bytes complete the frame header or control frame being received (zero
+    /// inside a DATA payload): a reader that wants no byte past the current frame reads at most
+    /// this many into [`receive_buffer`](Self::receive_buffer).
+    pub fn frame_wanted(&self) -> usize {
+        match &self.path {
+            Some(path) if path.data_left == 0 => path.decoder.wanted(),
+            _ => 0,
+        }
     }
 
     /// How many bytes the application may read straight from the transport into its own
