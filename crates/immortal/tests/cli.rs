@@ -998,3 +998,60 @@ fn hash_to_end(mut conn: TcpStream) -> String {
     }
     hex::encode(hasher.finalize())
 }
+
+#[test]
+fn forward_says_agent_full_for_one_connection_and_keeps_serving_the_others() {
+    let serve = Serve::start(&["--max-streams", "2"]);
+    let port = echo_service();
+    let local = free_port();
+    let spec = format!("127.0.0.1:{local}:{port}");
+    let mut child = serve
+        .immortal(&["forward", &spec])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = lines_of(child.stderr.take().unwrap());
+    let ready = format!("forwarding 127.0.0.1:{local}");
+    while !lines
+        .recv_timeout(PATIENCE)
+        .expect("forward never said it was listening")
+        .contains(&ready)
+    {}
+    let echo = |conn: &mut TcpStream, text: &str| {
+        conn.write_all(text.as_bytes()).unwrap();
+        let mut back = vec![0; text.len()];
+        conn.read_exact(&mut back).unwrap();
+        assert_eq!(String::from_utf8(back).unwrap(), text);
+    };
+    // Three at once: the agent holds two streams, neither evictable (one is being attached).
+    let mut conns: Vec<TcpStream> = (0..3)
+        .map(|_| {
+            let conn = TcpStream::connect(("127.0.0.1", local)).unwrap();
+            conn.set_read_timeout(Some(PATIENCE)).unwrap();
+            conn
+        })
+        .collect();
+    let full = loop {
+        let line = lines.recv_timeout(PATIENCE).expect("no 'agent full' line");
+        if line.contains("agent full") {
+            break line;
+        }
+    };
+    assert!(full.contains("agent full (--max-streams 2)"), "{full}");
+    // Exactly one connection was closed for it; the other two carry their streams.
+    let mut served = 0;
+    for conn in &mut conns {
+        conn.write_all(b"x").unwrap_or(());
+        let mut byte = [0u8; 1];
+        if let Ok(1) = conn.read(&mut byte) {
+            served += 1;
+            echo(conn, "still here\n");
+        }
+    }
+    assert_eq!(served, 2);
+    let _ = child.kill();
+    let _ = child.wait();
+}

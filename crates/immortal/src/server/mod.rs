@@ -400,6 +400,7 @@ async fn serve_io(
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(handshake_timeout)
+        .max_buf_size(MAX_HTTP_BUFFER)
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     // Boxed as `Send` here: left to inference, rustc fails to prove the spawned future `Send`
@@ -487,6 +488,10 @@ pub mod fuzzing {
         })
     }
 }
+
+/// The most a connection's HTTP read buffer holds (a request head must fit; hyper's default
+/// lets it grow to about 400 KiB per connection).
+const MAX_HTTP_BUFFER: usize = 16 * 1024;
 
 /// The slot of the connection a request arrived on (a request extension), so that
 /// authenticating the request marks the connection and an upgrade keeps the slot.
