@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 use backedpipe::{Session, SessionOptions};
 use immortal::chaos::ChaosProxy;
 use immortal::client::{
-    ApiClient, Carrier, ServerAddr, SshCarrier, SshCommand, SshConnector, StreamConnector, TlsTrust,
+    ApiClient, Carrier, ServerAddr, SshCarrier, SshCommand, SshConnector, StreamConnector,
+    TlsTrust, CARRIER_LINGER,
 };
 use immortal::server::{Agent, AgentConfig};
 use immortal::token::Token;
@@ -73,8 +74,9 @@ async fn run(rounds: usize, json: bool) -> Result<(), Error> {
         Some(IMMORTAL.into()),
     );
     let options = SessionOptions::default().connect_timeout(Duration::from_secs(30));
-    let over_ssh =
-        Session::connect(SshConnector::new(carrier, echo.port()), options.clone()).await?;
+    let connector = SshConnector::new(carrier, echo.port());
+    let carriers = connector.carriers();
+    let over_ssh = Session::connect(connector, options.clone()).await?;
 
     // The direct transport: an agent in this process, through a proxy.
     let token = Token::generate();
@@ -123,8 +125,12 @@ async fn run(rounds: usize, json: bool) -> Result<(), Error> {
             login.0, login.1, login.2
         );
     }
+    // Closed, and the CLOSE let through the last carrier, so the agent the relay started
+    // forgets the stream and exits once idle instead of keeping it for its time to live.
+    over_ssh.close().await?;
     drop(over_ssh);
-    drop(direct);
+    let _ = tokio::time::timeout(CARRIER_LINGER, carriers.all_ended()).await;
+    direct.close().await?;
     Ok(())
 }
 

@@ -1222,3 +1222,20 @@ async fn read_answer(tcp: &mut TcpStream) -> String {
     let _ = tcp.read_to_end(&mut answer).await;
     String::from_utf8_lossy(&answer).into_owned()
 }
+
+#[tokio::test]
+async fn a_request_head_over_16_kib_is_refused() {
+    let agent = start(|config| config.handshake_timeout = Duration::from_secs(60)).await;
+    let mut tcp = TcpStream::connect(agent.addr).await.unwrap();
+    let head = format!(
+        "GET /v1/streams HTTP/1.1\r\nHost: x\r\nX-Padding: {}\r\n\r\n",
+        "a".repeat(32 * 1024)
+    );
+    // The agent may close before it has read all of it.
+    let _ = tcp.write_all(head.as_bytes()).await;
+    let answer = guarded("the refusal", read_answer(&mut tcp)).await;
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 431"),
+        "{answer}"
+    );
+}

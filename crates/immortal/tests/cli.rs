@@ -866,3 +866,192 @@ fn sighup_from_ssh_ends_connect_silently_and_logs_carry_no_colour() {
     assert!(!stderr.contains("SIGHUP"), "{stderr}");
     assert!(!stderr.contains('\u{1b}'), "colour codes in {stderr:?}");
 }
+
+/// The bounded soak of `.ci/run`: `immortal forward` carries one connection through the
+/// cutting proxy while it is reset hundreds of times; the SHA-256 of what arrived each way
+/// equals that of what was sent. `SOAK_CUTS` (default 300) and `SOAK_MIB` (each way, default
+/// 32) size it. Prints one summary line.
+#[test]
+#[ignore = "a soak of a few minutes: .ci/run runs it"]
+fn soak_forward_through_hundreds_of_cuts() {
+    use sha2::{Digest, Sha256};
+    use std::sync::Arc;
+
+    let env = |name: &str, default: u64| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let cuts = env("SOAK_CUTS", 300);
+    let len = (env("SOAK_MIB", 32) << 20) as usize;
+    let started = Instant::now();
+    let serve = Serve::start(&[]);
+    let rt = runtime();
+    let proxy = Arc::new(rt.block_on(ChaosProxy::start(serve.addr)).unwrap());
+
+    // The service: sends its pattern, hashes what it receives.
+    let service = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = service.local_addr().unwrap().port();
+    let (service_hash_tx, service_hash) = mpsc::channel();
+    thread::spawn(move || {
+        let (conn, _) = service.accept().unwrap();
+        let mut writer = conn.try_clone().unwrap();
+        thread::spawn(move || {
+            writer.write_all(&soak_pattern(len, 1)).unwrap();
+            writer.shutdown(std::net::Shutdown::Write).unwrap();
+        });
+        let _ = service_hash_tx.send(hash_to_end(conn));
+    });
+
+    let local = free_port();
+    let spec = format!("127.0.0.1:{local}:{port}");
+    let mut child = serve
+        .immortal(&["forward", "--heartbeat", "1s", &spec])
+        .env("IMMORTAL_SERVER", proxy.local_addr().to_string())
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = lines_of(child.stderr.take().unwrap());
+    let ready = format!("forwarding 127.0.0.1:{local}");
+    while !lines
+        .recv_timeout(PATIENCE)
+        .expect("forward never said it was listening")
+        .contains(&ready)
+    {}
+    thread::spawn(move || while lines.recv().is_ok() {});
+
+    // The cutter: a reset every (both ways) / cuts bytes, until the transfer is done.
+    let step = (2 * len as u64 / cuts).max(1);
+    let done = tokio_util::sync::CancellationToken::new();
+    let cutter = {
+        let (proxy, done) = (proxy.clone(), done.clone());
+        rt.spawn(async move {
+            let mut next = step;
+            loop {
+                tokio::select! {
+                    _ = proxy.wait_for(|s| s.bytes_total() >= next) => {
+                        proxy.cut_reset();
+                        next = proxy.stats().bytes_total() + step;
+                    }
+                    () = done.cancelled() => return,
+                }
+            }
+        })
+    };
+
+    let conn = TcpStream::connect(("127.0.0.1", local)).unwrap();
+    let mut writer = conn.try_clone().unwrap();
+    let sender = thread::spawn(move || {
+        writer.write_all(&soak_pattern(len, 2)).unwrap();
+        writer.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    let client_hash = hash_to_end(conn);
+    sender.join().unwrap();
+    let service_hash = service_hash
+        .recv_timeout(Duration::from_secs(600))
+        .expect("the service never saw the end of its input");
+    done.cancel();
+    rt.block_on(cutter).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let stats = proxy.stats();
+    let sha = |data: Vec<u8>| hex::encode(Sha256::digest(&data));
+    let expected_up = sha(soak_pattern(len, 2));
+    let expected_down = sha(soak_pattern(len, 1));
+    let (up_ok, down_ok) = (service_hash == expected_up, client_hash == expected_down);
+    println!(
+        "soak: {} MiB each way through `immortal forward`, {} resets ({} connections), \
+         SHA-256 up {}, down {}, {:.1} s",
+        len >> 20,
+        stats.resets,
+        stats.accepted,
+        if up_ok { "equal" } else { "DIFFERENT" },
+        if down_ok { "equal" } else { "DIFFERENT" },
+        started.elapsed().as_secs_f64()
+    );
+    assert!(up_ok && down_ok);
+    assert!(stats.resets >= cuts / 2, "only {} resets", stats.resets);
+}
+
+fn soak_pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_be_bytes()[1] ^ seed)
+        .collect()
+}
+
+/// Reads `conn` to its end; the hex SHA-256 of what came.
+fn hash_to_end(mut conn: TcpStream) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0; 64 * 1024];
+    loop {
+        match conn.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => hasher.update(&buf[..n]),
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(err) => panic!("reading failed: {err}"),
+        }
+    }
+    hex::encode(hasher.finalize())
+}
+
+#[test]
+fn forward_says_agent_full_for_one_connection_and_keeps_serving_the_others() {
+    let serve = Serve::start(&["--max-streams", "2"]);
+    let port = echo_service();
+    let local = free_port();
+    let spec = format!("127.0.0.1:{local}:{port}");
+    let mut child = serve
+        .immortal(&["forward", &spec])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = lines_of(child.stderr.take().unwrap());
+    let ready = format!("forwarding 127.0.0.1:{local}");
+    while !lines
+        .recv_timeout(PATIENCE)
+        .expect("forward never said it was listening")
+        .contains(&ready)
+    {}
+    let echo = |conn: &mut TcpStream, text: &str| {
+        conn.write_all(text.as_bytes()).unwrap();
+        let mut back = vec![0; text.len()];
+        conn.read_exact(&mut back).unwrap();
+        assert_eq!(String::from_utf8(back).unwrap(), text);
+    };
+    // Three at once: the agent holds two streams, neither evictable (one is being attached).
+    let mut conns: Vec<TcpStream> = (0..3)
+        .map(|_| {
+            let conn = TcpStream::connect(("127.0.0.1", local)).unwrap();
+            conn.set_read_timeout(Some(PATIENCE)).unwrap();
+            conn
+        })
+        .collect();
+    let full = loop {
+        let line = lines.recv_timeout(PATIENCE).expect("no 'agent full' line");
+        if line.contains("agent full") {
+            break line;
+        }
+    };
+    assert!(full.contains("agent full (--max-streams 2)"), "{full}");
+    // Exactly one connection was closed for it; the other two carry their streams.
+    let mut served = 0;
+    for conn in &mut conns {
+        conn.write_all(b"x").unwrap_or(());
+        let mut byte = [0u8; 1];
+        if let Ok(1) = conn.read(&mut byte) {
+            served += 1;
+            echo(conn, "still here\n");
+        }
+    }
+    assert_eq!(served, 2);
+    let _ = child.kill();
+    let _ = child.wait();
+}

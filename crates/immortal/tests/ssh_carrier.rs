@@ -140,6 +140,70 @@ async fn immortal_ssh_runs_a_command_with_nothing_set_up() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn install_copies_the_binary_and_the_carrier_finds_it_there() {
+    let work = async {
+        // The remote user's home is a directory of the test, so ~/.local/bin is too.
+        let home = tempfile::tempdir().unwrap();
+        let base = tempfile::tempdir().unwrap();
+        let runtime = base.path().join("rt");
+        let sshd = Sshd::start_with(&format!(
+            "SetEnv HOME={} IMMORTAL_RUNTIME_DIR={} IMMORTAL_AGENT_IDLE_EXIT=2s NO_COLOR=1\n",
+            home.path().display(),
+            runtime.display()
+        ))
+        .await;
+        let run = |install: bool| {
+            let mut command = Command::new(IMMORTAL);
+            command.arg("ssh");
+            if install {
+                command.arg("--install");
+            }
+            command
+                .args(["-p", &sshd.port.to_string()])
+                .arg(format!("{}@127.0.0.1", sshd.user))
+                .arg("echo from $HOME")
+                .env("IMMORTAL_SSH_COMMAND", ssh_command(&sshd, &[]))
+                .env("NO_COLOR", "1")
+                .stdin(Stdio::null())
+                .output()
+        };
+        // No `immortal` on the remote PATH: without --install, one line says so.
+        let before = run(false).await.unwrap();
+        let stderr = String::from_utf8_lossy(&before.stderr);
+        assert_eq!(before.status.code(), Some(255), "{stderr}");
+        assert!(stderr.contains("has no `"), "{stderr}");
+        let installed = run(true).await.unwrap();
+        let stderr = String::from_utf8_lossy(&installed.stderr);
+        assert!(
+            stderr.contains("installed immortal"),
+            "no word of the install:\n{stderr}"
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&installed.stdout),
+            format!("from {}\n", home.path().display()),
+            "{stderr}"
+        );
+        assert!(installed.status.success(), "{stderr}");
+        let copy = std::fs::read(home.path().join(".local/bin/immortal")).unwrap();
+        assert!(
+            copy == std::fs::read(IMMORTAL).unwrap(),
+            "the installed binary differs from the running one"
+        );
+        // From now on the carrier finds it in ~/.local/bin by itself.
+        let after = run(false).await.unwrap();
+        assert!(
+            after.status.success(),
+            "{}",
+            String::from_utf8_lossy(&after.stderr)
+        );
+        wait_for_agent_exit(&runtime).await;
+    };
+    tokio::time::timeout(OVERALL, work)
+        .await
+        .expect("the test did not finish in time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_without_immortal_is_named_with_the_fix() {
     let work = async {
         let (sshd, _runtime) = sshd().await;

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use backedpipe::session::SessionConfig;
-use backedpipe::{PipeState, Session, SessionOptions};
+use backedpipe::{PipeConfig, PipeState, Session, SessionOptions};
 use clap::Args;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
@@ -121,16 +121,27 @@ impl SessionArgs {
     }
 }
 
+/// The longest wait between two resume attempts the session itself makes (its backoff starts
+/// at 100 ms and doubles, with full jitter): after the network is back, a resume starts within
+/// this. Past the first minutes of an outage, the connector adds its own pause
+/// ([`SLOW_PACE`](crate::client::SLOW_PACE)), cut short by a network change.
+pub const BACKOFF_CAP: Duration = Duration::from_secs(1);
+
 /// Session settings with a heartbeat every `heartbeat` and a path declared dead after two
-/// silent intervals and a second. Acknowledgements keep their default cadence: a closing
-/// session acknowledges everything it read before its CLOSE, so the agent, which keeps a
-/// finished stream until the client has its last bytes, is never left waiting.
+/// silent intervals and a second, and resume attempts at most [`BACKOFF_CAP`] apart.
+/// Acknowledgements keep their default cadence: a closing session acknowledges everything it
+/// read before its CLOSE, so the agent, which keeps a finished stream until the client has its
+/// last bytes, is never left waiting.
 pub fn session_options(heartbeat: Duration) -> SessionOptions {
-    SessionOptions::default().timing(SessionConfig {
-        heartbeat_interval: heartbeat,
-        dead_after: heartbeat * 2 + Duration::from_secs(1),
-        ..SessionConfig::default()
-    })
+    SessionOptions::default()
+        .timing(SessionConfig {
+            heartbeat_interval: heartbeat,
+            dead_after: heartbeat * 2 + Duration::from_secs(1),
+            ..SessionConfig::default()
+        })
+        .pipe(PipeConfig::default().backoff(Duration::from_millis(100), BACKOFF_CAP))
+        // The connector bounds each attempt itself (ATTEMPT_TIMEOUT) and may pause first.
+        .connect_timeout(crate::client::SLOW_PACE + crate::client::ATTEMPT_TIMEOUT * 2)
 }
 
 /// Parses a duration option: a humantime duration (`30s`, `10m`, `24h`) within

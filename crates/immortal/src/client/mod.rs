@@ -10,14 +10,18 @@
 mod api_client;
 mod dial;
 mod error;
+mod network;
 mod ssh;
 mod stream;
 
 pub use self::api_client::{ApiClient, REQUEST_TIMEOUT};
 pub use self::dial::{Dialer, ServerAddr, TlsTrust, DEFAULT_PORT, DIAL_TIMEOUT};
 pub use self::error::ClientError;
+pub use self::network::network_changes;
 pub use self::ssh::{
     inside_carrier, Carriers, SshCarrier, SshCommand, SshCommandError, SshConnector, CARRIER_ENV,
     CARRIER_LINGER, SSH_COMMAND_ENV,
 };
-pub use self::stream::{Carrier, GoneSignal, StreamConnector};
+pub use self::stream::{
+    Carrier, GoneSignal, StreamConnector, ATTEMPT_TIMEOUT, FAST_PHASE, SLOW_PACE,
+};

@@ -4,18 +4,21 @@
 //! raised on a [`GoneSignal`], because the session's own reconnect loop would retry it forever.
 
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use backedpipe::{BoxIo, Connector};
 use hyper::header::{HeaderValue, AUTHORIZATION};
 use hyper::StatusCode;
 use hyper_util::rt::TokioIo;
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Error as WsError;
 
 use super::api_client::{read_body, ApiClient};
 use super::error::ClientError;
+use super::network::network_changes;
 use crate::api::{self, StreamInfo, ATTACH_KEY_HEADER};
 use crate::ws_io::WsIo;
 
@@ -65,7 +68,25 @@ pub struct StreamConnector {
     attach_key: Option<HeaderValue>,
     carrier: Carrier,
     gone: Arc<watch::Sender<Option<ClientError>>>,
+    /// Grows when the machine gains a network address.
+    network: watch::Receiver<u64>,
+    /// Since when attempts have been failing (`None` while connected or never tried).
+    outage: Mutex<Option<Instant>>,
 }
+
+/// How long after the start of an outage attempts follow each other as fast as the session's
+/// backoff allows (capped at 1 s, see [`session_options`](crate::cli::common::session_options)):
+/// most outages (a Wi-Fi change, a lid closed for a minute) end within it, and every second
+/// waited after the network is back is a second the user waits.
+pub const FAST_PHASE: Duration = Duration::from_secs(3 * 60);
+
+/// After [`FAST_PHASE`], each attempt first waits up to this long (uniformly drawn), unless
+/// the network changes meanwhile: a long outage costs the agent and the network little.
+pub const SLOW_PACE: Duration = Duration::from_secs(4);
+
+/// The longest one attempt (dial, TLS, the upgrade) may take before it is abandoned; an
+/// attempt in progress is also abandoned, and a new one started, when the network changes.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl StreamConnector {
     /// A connector for `stream`, as the agent `api` talks to answered its creation: every
@@ -82,6 +103,63 @@ impl StreamConnector {
             attach_key,
             carrier,
             gone: Arc::new(watch::Sender::new(None)),
+            network: network_changes(),
+            outage: Mutex::new(None),
+        }
+    }
+
+    /// The same connector, told of network changes by `network` instead of the machine's
+    /// watcher (for tests, or a caller with its own notion of "the network changed").
+    pub fn with_network_changes(mut self, network: watch::Receiver<u64>) -> Self {
+        self.network = network;
+        self
+    }
+
+    /// One attempt, paced and restarted as the outage so far calls for: see [`FAST_PHASE`],
+    /// [`SLOW_PACE`] and [`ATTEMPT_TIMEOUT`].
+    async fn attempt(&self) -> Result<BoxIo, ClientError> {
+        let mut network = self.network.clone();
+        network.borrow_and_update();
+        let outage = *self.outage.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(since) = outage {
+            if since.elapsed() >= FAST_PHASE {
+                let pause = SLOW_PACE.mul_f64(random_fraction());
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    _ = network.changed() => {
+                        tracing::debug!(stream = %self.id, "network changed: trying now");
+                    }
+                }
+            }
+        }
+        loop {
+            let attempt = tokio::time::timeout(ATTEMPT_TIMEOUT, self.open());
+            let result = if outage.is_some() {
+                tokio::select! {
+                    result = attempt => result,
+                    _ = network.changed() => {
+                        // A dial on the old path may hang until its timeout: start afresh.
+                        tracing::debug!(stream = %self.id, "network changed: a new attempt");
+                        continue;
+                    }
+                }
+            } else {
+                attempt.await
+            };
+            let result = result.unwrap_or_else(|_| {
+                Err(ClientError::Unreachable {
+                    server: self.api.server().to_string(),
+                    reason: format!("no answer within {} s", ATTEMPT_TIMEOUT.as_secs()),
+                })
+            });
+            let mut outage = self.outage.lock().unwrap_or_else(PoisonError::into_inner);
+            match &result {
+                Ok(_) => *outage = None,
+                Err(_) => {
+                    outage.get_or_insert_with(Instant::now);
+                }
+            }
+            return result;
         }
     }
 
@@ -150,7 +228,7 @@ impl StreamConnector {
 
 impl Connector for StreamConnector {
     async fn connect(&self) -> io::Result<BoxIo> {
-        self.open().await.map_err(|err| {
+        self.attempt().await.map_err(|err| {
             tracing::debug!(stream = %self.id, %err, "connecting to the stream failed");
             if err.ends_stream() {
                 tracing::debug!(stream = %self.id, %err, "the stream is gone for good");
@@ -207,5 +285,68 @@ impl GoneSignal {
             }
         }
         std::future::pending().await
+    }
+}
+
+/// A number drawn uniformly from [0, 1), for jitter.
+fn random_fraction() -> f64 {
+    let mut bytes = [0u8; 8];
+    if getrandom::fill(&mut bytes).is_err() {
+        return 0.5;
+    }
+    (u64::from_le_bytes(bytes) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::TlsTrust;
+    use crate::token::Token;
+
+    /// In an outage, a network change abandons the attempt in progress (a dial into a path
+    /// that answers nothing) and starts a new one at once.
+    #[tokio::test]
+    async fn a_network_change_in_an_outage_starts_a_new_attempt_at_once() {
+        // Accepts connections and never answers: every attempt hangs until its timeout.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (accepted_tx, mut accepted) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let _ = accepted_tx.send(tcp);
+            }
+        });
+        let api = ApiClient::new(
+            addr.to_string().parse().unwrap(),
+            &Token::generate(),
+            &TlsTrust::None,
+        )
+        .unwrap();
+        let info = StreamInfo {
+            id: "0123456789abcdef0123456789abcdef".into(),
+            name: "test".into(),
+            port: 1,
+            created_at: String::new(),
+            last_connected_at: None,
+            last_disconnected_at: None,
+            connected: false,
+            bytes_to_service: 0,
+            bytes_from_service: 0,
+            attach_key: None,
+        };
+        let (network_tx, network) = watch::channel(0u64);
+        let connector =
+            StreamConnector::new(api, &info, Carrier::Upgrade).with_network_changes(network);
+        // The first attempt fails by its timeout: an outage has begun.
+        assert!(connector.connect().await.is_err());
+        let _first = accepted.recv().await.unwrap();
+        // The second hangs too, until the network changes: then a new dial goes out at once.
+        let second = tokio::spawn(async move { connector.connect().await.map(drop) });
+        let _dialled = accepted.recv().await.unwrap();
+        network_tx.send_modify(|n| *n += 1);
+        // (Without the change, this call would make no other attempt: the wait would hang.)
+        let redialled = tokio::time::timeout(Duration::from_secs(20), accepted.recv()).await;
+        assert!(matches!(redialled, Ok(Some(_))), "no new attempt");
+        second.abort();
     }
 }

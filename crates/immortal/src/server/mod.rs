@@ -344,13 +344,25 @@ async fn serve_connection(
     router: axum::Router,
     handshake_timeout: Duration,
 ) {
+    let _ = tcp.set_nodelay(true);
+    serve_io(Box::new(tcp), peer, ticket, tls, router, handshake_timeout).await;
+}
+
+/// [`serve_connection`] on any transport.
+async fn serve_io(
+    io: BoxIo,
+    peer: SocketAddr,
+    ticket: Arc<Ticket>,
+    tls: Option<TlsAcceptor>,
+    router: axum::Router,
+    handshake_timeout: Duration,
+) {
     // Cancelled by the connection cap or by the agent stopping, whichever comes first.
     let shutdown = ticket.closing().clone();
-    let _ = tcp.set_nodelay(true);
     let io: BoxIo = match tls {
-        None => Box::new(tcp),
+        None => io,
         Some(acceptor) => {
-            let handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(Box::new(tcp)));
+            let handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(io));
             match shutdown.run_until_cancelled(handshake).await {
                 Some(Ok(Ok(io))) => io,
                 Some(Ok(Err(err))) => {
@@ -388,6 +400,7 @@ async fn serve_connection(
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(handshake_timeout)
+        .max_buf_size(MAX_HTTP_BUFFER)
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     // Boxed as `Send` here: left to inference, rustc fails to prove the spawned future `Send`
@@ -398,6 +411,87 @@ async fn serve_connection(
         tracing::debug!(%peer, %err, "HTTP connection ended");
     }
 }
+
+/// A way in for the fuzz target of the agent's HTTP handling (`fuzz/`), built only under
+/// `cfg(fuzzing)`.
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_util::sync::CancellationToken;
+
+    use super::connections::ConnectionGate;
+    use super::metrics::Metrics;
+    use super::registry::Registry;
+    use super::{routes, serve_io, AgentConfig, Shared};
+    use crate::token::Token;
+
+    /// The token of the fuzzed agent (the seed corpus carries it, so that the fuzzer reaches
+    /// the authenticated routes).
+    pub const TOKEN: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+
+    /// Feeds `input` to a fresh agent as one client connection's bytes (then end of input),
+    /// on simulated time, and returns everything the agent answered.
+    pub fn http_exchange(input: &[u8]) -> Vec<u8> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .expect("a runtime");
+        runtime.block_on(async {
+            let token = Token::from_hex(TOKEN).expect("a token");
+            let mut config = AgentConfig::new(([127, 0, 0, 1], 0).into(), token);
+            config.max_streams = 2;
+            let shutdown = CancellationToken::new();
+            let metrics = Arc::new(Metrics::default());
+            let registry = Registry::new(
+                config.max_streams,
+                config.ttl,
+                config.handshake_timeout,
+                config.session_options(),
+                shutdown.clone(),
+                metrics.clone(),
+            );
+            let shared = Arc::new(Shared {
+                token: config.token.clone(),
+                registry,
+                metrics: metrics.clone(),
+                shutdown: shutdown.clone(),
+                handshake_timeout: config.handshake_timeout,
+            });
+            let gate = ConnectionGate::new(4, metrics);
+            let ticket = Arc::new(gate.admit(&shutdown).expect("room"));
+            let (mut client, server) = tokio::io::duplex(64 * 1024);
+            let serve = tokio::spawn(serve_io(
+                Box::new(server),
+                ([127, 0, 0, 1], 1).into(),
+                ticket,
+                None,
+                routes::router(shared),
+                config.handshake_timeout,
+            ));
+            let (mut read, mut write) = tokio::io::split(&mut client);
+            let send = async {
+                let _ = write.write_all(input).await;
+                let _ = write.shutdown().await;
+            };
+            let mut answer = Vec::new();
+            let receive =
+                tokio::time::timeout(Duration::from_secs(60), read.read_to_end(&mut answer));
+            let _ = tokio::join!(send, receive);
+            shutdown.cancel();
+            serve.abort();
+            answer
+        })
+    }
+}
+
+/// The most a connection's HTTP read buffer holds (a request head must fit; hyper's default
+/// lets it grow to about 400 KiB per connection).
+const MAX_HTTP_BUFFER: usize = 16 * 1024;
 
 /// The slot of the connection a request arrived on (a request extension), so that
 /// authenticating the request marks the connection and an upgrade keeps the slot.
