@@ -460,3 +460,45 @@ async fn dropping_the_listener_stops_accepting_and_cancels_handshakes_in_flight(
     })
     .await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn new_sessions_nobody_accepts_neither_hold_up_resumes_nor_pile_up() {
+    common::guarded(async {
+        let (transports, incoming) = tokio::sync::mpsc::unbounded_channel::<BoxIo>();
+        let mut listener = SessionListener::builder(incoming, SessionServer::new(options()))
+            .backlog(1)
+            .max_handshakes(1)
+            .start()
+            .unwrap();
+        let client = Session::connect(in_memory(transports.clone()), options())
+            .await
+            .unwrap();
+        let server_side = listener.accept().await.unwrap();
+        // Three new sessions the application does not accept: one fills the backlog, one
+        // waits for room, the third is closed with a reason.
+        let mut unaccepted = Vec::new();
+        for _ in 0..3 {
+            let session = Session::connect(in_memory(transports.clone()), options())
+                .await
+                .unwrap();
+            unaccepted.push(session);
+        }
+        let mut buf = [0u8; 1];
+        match unaccepted[2].read(&mut buf).await {
+            Err(backedpipe::Error::ClosedByPeer { code, reason }) => {
+                assert_eq!(code, backedpipe::proto::CloseCode::Normal);
+                assert!(reason.contains("busy"), "{reason}");
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        // The first session still resumes through the one handshake slot.
+        let generation = client.generation();
+        client.force_reconnect().await.unwrap();
+        assert!(client.generation() > generation);
+        round_trip(&client, &server_side, b"resumed").await;
+        // The two that waited are accepted in order.
+        assert_eq!(listener.accept().await.unwrap().id(), unaccepted[0].id());
+        assert_eq!(listener.accept().await.unwrap().id(), unaccepted[1].id());
+    })
+    .await;
+}

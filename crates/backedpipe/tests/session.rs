@@ -36,6 +36,10 @@ struct Harness {
     /// Every byte each link carried from the client to the server (a wiretap).
     taps: Arc<Mutex<Vec<Tap>>>,
     refuse: Arc<AtomicBool>,
+    /// Cut every link as soon as the server has accepted a resume on it.
+    cut_resumed: Arc<AtomicBool>,
+    /// How many transports the client has dialled.
+    dials: Arc<watch::Sender<usize>>,
     accepted: mpsc::UnboundedReceiver<Session>,
     accepted_tx: mpsc::UnboundedSender<Session>,
     options: SessionOptions,
@@ -49,6 +53,8 @@ impl Harness {
             links: Arc::default(),
             taps: Arc::default(),
             refuse: Arc::default(),
+            cut_resumed: Arc::default(),
+            dials: Arc::new(watch::Sender::new(0)),
             accepted,
             accepted_tx,
             options,
@@ -61,11 +67,16 @@ impl Harness {
         let links = self.links.clone();
         let taps = self.taps.clone();
         let refuse = self.refuse.clone();
+        let cut_resumed = self.cut_resumed.clone();
+        let dials = self.dials.clone();
         let accepted = self.accepted_tx.clone();
         let connector = connector_fn(move || {
             let server = server.lock().unwrap().clone();
             let (state_tx, state_rx) = watch::channel(LinkState::Open);
+            let link = state_tx.clone();
             links.lock().unwrap().push(state_tx);
+            let cut_resumed = cut_resumed.clone();
+            dials.send_modify(|n| *n += 1);
             let tap = Tap::default();
             taps.lock().unwrap().push(tap.clone());
             let refused = refuse.load(Ordering::SeqCst);
@@ -77,8 +88,14 @@ impl Harness {
                 let (client_io, server_io) = relay(state_rx, tap);
                 tokio::spawn(async move {
                     // Resumes attach by themselves; refusals are the client's to see.
-                    if let Ok(Accepted::New(session)) = server.accept(server_io).await {
-                        let _ = accepted.send(session);
+                    match server.accept(server_io).await {
+                        Ok(Accepted::New(session)) => {
+                            let _ = accepted.send(session);
+                        }
+                        Ok(Accepted::Resumed(_)) if cut_resumed.load(Ordering::SeqCst) => {
+                            let _ = link.send(LinkState::Cut);
+                        }
+                        _ => {}
                     }
                 });
                 Ok::<BoxIo, std::io::Error>(Box::new(client_io))
@@ -865,6 +882,86 @@ async fn close_waits_for_the_peer_to_acknowledge_what_was_written() {
         let client = closing.await.unwrap();
         assert!(client.generation() >= 2, "the bytes came by replay");
         assert_eq!(client.buffered().0, 0, "all acknowledged before CLOSE");
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_close_while_the_client_is_disconnected_reaches_the_server_on_the_next_transport() {
+    guarded(async {
+        let mut harness = Harness::new(small_options());
+        let (client, server) = harness.connect().await;
+        // The client loses its transport and cannot get another for now.
+        harness.refuse.store(true, Ordering::SeqCst);
+        harness.set_links(LinkState::Cut);
+        let mut status = client.status();
+        status
+            .wait_for(|state| !matches!(state, PipeState::Connected))
+            .await
+            .unwrap();
+        // The network comes back just as the application closes: the CLOSE goes out on the
+        // next transport, as the answer to its RESUMED.
+        harness.refuse.store(false, Ordering::SeqCst);
+        client.close().await.unwrap();
+        assert!(
+            matches!(client.state(), PipeState::Closed),
+            "{:?}",
+            client.state()
+        );
+        let mut buf = [0u8; 8];
+        match server.read(&mut buf).await {
+            Err(Error::ClosedByPeer { code, .. }) => assert_eq!(code, CloseCode::Normal),
+            other => panic!("expected the client's CLOSE, got {other:?}"),
+        }
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_readers_of_one_session_are_each_woken() {
+    guarded(async {
+        let mut harness = Harness::new(small_options());
+        let (client, server) = harness.connect().await;
+        let server = Arc::new(server);
+        let (done_tx, mut done) = mpsc::unbounded_channel();
+        for _ in 0..2 {
+            let server = server.clone();
+            let done_tx = done_tx.clone();
+            tokio::spawn(async move {
+                let mut byte = [0u8; 1];
+                let n = server.read(&mut byte).await.unwrap();
+                let _ = done_tx.send((n, byte[0]));
+            });
+        }
+        // Both readers wait (spawned tasks run before this one comes back).
+        tokio::task::yield_now().await;
+        client.write_all(b"a").await.unwrap();
+        let first = done.recv().await.unwrap();
+        client.write_all(b"b").await.unwrap();
+        let second = done.recv().await.unwrap();
+        let mut got = [first, second];
+        got.sort();
+        assert_eq!(got, [(1, b'a'), (1, b'b')]);
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn transports_that_die_at_once_after_resuming_are_redialled_with_backoff() {
+    guarded(async {
+        let mut harness = Harness::new(small_options());
+        let (client, _server) = harness.connect().await;
+        harness.cut_resumed.store(true, Ordering::SeqCst);
+        let start = tokio::time::Instant::now();
+        harness.set_links(LinkState::Cut);
+        // Every resume is accepted and its transport dies before the server sends anything.
+        let mut dials = harness.dials.subscribe();
+        dials.wait_for(|n| *n >= 21).await.unwrap();
+        let elapsed = start.elapsed();
+        // Twenty redials: each waited a backoff delay (10 ms doubling to 100 ms, jittered,
+        // seed 7), not a tight loop of handshakes.
+        assert!(elapsed >= Duration::from_millis(200), "{elapsed:?}");
+        assert!(!client.state().is_final());
     })
     .await;
 }

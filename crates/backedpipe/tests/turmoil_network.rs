@@ -631,10 +631,11 @@ fn a_restarted_server_host_gives_session_unknown_not_a_hang_or_a_retry_loop() ->
             );
             // No retry loop: a minute later nothing was dialled again and the state is final.
             tokio::time::sleep(Duration::from_secs(60)).await;
-            assert!(matches!(
-                session.state(),
-                PipeState::Failed(Error::SessionUnknown(_))
-            ));
+            assert!(
+                matches!(session.state(), PipeState::Failed(Error::SessionUnknown(_))),
+                "{:?} after {read:?}",
+                session.state()
+            );
             *outcome.lock().unwrap() = Some((session.id(), read, dials_at_failure));
             Ok(())
         });

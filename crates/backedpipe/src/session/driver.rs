@@ -24,6 +24,11 @@ use crate::error::Error;
 /// How many turns the driver takes in a row before it yields to other tasks.
 const TURNS_PER_POLL: u32 = 16;
 
+/// How long a client's path must live, if its peer sends nothing on it, before its loss is
+/// resumed at once rather than after a backoff delay: a server that accepts every resume and
+/// drops it at once must not get a tight loop of handshakes.
+const PROVEN_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// What a client's driver needs to resume.
 pub(crate) struct Resumer {
     pub(crate) dial: Arc<dyn Dial>,
@@ -49,6 +54,8 @@ pub(crate) struct Driver {
     retry_at: Option<Instant>,
     /// Failed attempts in a row.
     failures: u32,
+    /// When a client's current path started (`None` on a server, and once its loss was seen).
+    path_since: Option<Instant>,
     sleep: Pin<Box<Sleep>>,
     /// The deadline `sleep` is set to.
     armed: Option<Instant>,
@@ -62,6 +69,8 @@ impl Driver {
         resumer: Option<Resumer>,
         registration: Option<Registration>,
     ) -> Driver {
+        // A client starts with its first path.
+        let path_since = resumer.as_ref().map(|_| now());
         Driver {
             shared,
             resumer,
@@ -69,6 +78,7 @@ impl Driver {
             dial: None,
             retry_at: None,
             failures: 0,
+            path_since,
             sleep: Box::pin(tokio::time::sleep_until(tokio::time::Instant::now())),
             armed: None,
             yielded: false,
@@ -111,7 +121,18 @@ impl Driver {
                 }
                 let ended = st.conn.is_ended();
                 if !ended && !st.conn.has_path() && self.dial.is_none() {
-                    if let Some(resumer) = self.resumer.as_ref() {
+                    if let Some(resumer) = self.resumer.as_mut() {
+                        if let Some(since) = self.path_since.take() {
+                            // The path just ended. One that proved itself is resumed at once;
+                            // one that did not waits for the next backoff delay.
+                            let proven = st.conn.path_heard_from()
+                                || now.saturating_duration_since(since) >= PROVEN_AFTER;
+                            if proven {
+                                resumer.backoff.reset();
+                            } else if !st.dial_now {
+                                self.retry_at = Some(now + resumer.backoff.next_delay());
+                            }
+                        }
                         let due = st.dial_now || self.retry_at.is_none_or(|at| now >= at);
                         if due {
                             st.dialing = true;
@@ -171,12 +192,19 @@ impl Driver {
         };
         let failures = &mut self.failures;
         let retry_at = &mut self.retry_at;
+        let path_since = &mut self.path_since;
         self.shared.with(|st, now| {
             st.dialing = false;
             match result {
                 Ok(()) => {
+                    // The backoff starts again once the path proves itself (see above).
                     *failures = 0;
-                    resumer.backoff.reset();
+                    *path_since = Some(now);
+                }
+                Err(Error::PipeClosed) if st.conn.is_closing() => {
+                    // The session was closed while this resume was under way; the new
+                    // transport carried the CLOSE.
+                    st.conn.fail(now, Error::PipeClosed);
                 }
                 Err(err) if err.is_terminal() => {
                     tracing::info!(session = %st.conn.id(), error = %err, "the session cannot be resumed");

@@ -8,7 +8,8 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{AbortHandle, JoinSet};
 
 use super::server::{Accepted, SessionServer};
@@ -112,7 +113,7 @@ impl Incoming for mpsc::UnboundedReceiver<BoxIo> {
 /// | [`tls`](ListenerBuilder::tls) | none | run a TLS handshake on every transport before the session's |
 /// | [`tls_timeout`](ListenerBuilder::tls_timeout) | 10 s | a client that stalls its TLS handshake holds a task only this long |
 /// | [`max_handshakes`](ListenerBuilder::max_handshakes) | 1024 | handshakes at once; beyond it, accepting waits |
-/// | [`backlog`](ListenerBuilder::backlog) | 128 | new sessions waiting for [`accept`](Self::accept); beyond it, their handshake tasks wait |
+/// | [`backlog`](ListenerBuilder::backlog) | 128 | new sessions waiting for [`accept`](Self::accept); as many more wait for room (holding no handshake slot); beyond that they are closed |
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
@@ -248,7 +249,9 @@ impl<I: Incoming> ListenerBuilder<I> {
     }
 
     /// How many new sessions may wait for [`SessionListener::accept`] (at least one). Beyond
-    /// it, handshake tasks wait with their session, and their clients with them.
+    /// it as many more wait for room, without holding a handshake slot (resumes never wait
+    /// behind them); beyond that a new session is closed at once, its client reading a
+    /// normal CLOSE that says the server is busy.
     pub fn backlog(mut self, backlog: usize) -> Self {
         self.backlog = backlog.max(1);
         self
@@ -264,6 +267,7 @@ impl<I: Incoming> ListenerBuilder<I> {
         let (new_tx, new_sessions) = mpsc::channel(self.backlog);
         let handshakes = Arc::new(Semaphore::new(self.max_handshakes));
         let accepting = Accepting {
+            waiting: Arc::new(Semaphore::new(self.backlog)),
             server: self.server,
             tls: self.tls,
             tls_timeout: self.tls_timeout,
@@ -284,6 +288,8 @@ struct Accepting {
     tls: Option<TlsAcceptor>,
     tls_timeout: Duration,
     new_sessions: mpsc::Sender<Session>,
+    /// Room for new sessions waiting for room in a full backlog (as many as the backlog).
+    waiting: Arc<Semaphore>,
 }
 
 /// The listener's background task: takes transports and starts a handshake task for each.
@@ -313,10 +319,7 @@ async fn listen<I: Incoming>(mut incoming: I, accepting: Accepting, handshakes: 
         match next {
             Some(Ok(io)) => {
                 let accepting = accepting.clone();
-                tasks.spawn(async move {
-                    accepting.handshake(io).await;
-                    drop(permit);
-                });
+                tasks.spawn(accepting.handshake(io, permit));
             }
             Some(Err(err)) if concerns_one_connection(&err) => {
                 tracing::debug!(error = %err, "a connection failed before it was accepted");
@@ -358,7 +361,9 @@ fn reap(done: std::result::Result<(), tokio::task::JoinError>) {
 
 impl Accepting {
     /// One transport's handshakes. Every failure stays here: it concerns only this transport.
-    async fn handshake(self, io: BoxIo) {
+    /// Runs the TLS and session handshakes on `io`, holding `permit` (one of the concurrent
+    /// handshakes) until they are done, not while a new session waits for the application.
+    async fn handshake(self, io: BoxIo, permit: OwnedSemaphorePermit) {
         let io = match &self.tls {
             None => io,
             Some(acceptor) => {
@@ -375,20 +380,42 @@ impl Accepting {
                 }
             }
         };
-        match self.server.accept(io).await {
-            Ok(Accepted::New(session)) => {
-                let id = session.id();
-                if self.new_sessions.send(session).await.is_err() {
-                    // The listener is gone; dropping the session closes it.
-                    tracing::debug!(session = %id, "new session dropped: the listener is gone");
-                }
-            }
+        let accepted = self.server.accept(io).await;
+        // Resumes must not wait behind new sessions the application has not accepted.
+        drop(permit);
+        match accepted {
+            Ok(Accepted::New(session)) => self.hand_over(session).await,
             Ok(Accepted::Resumed(id)) => {
                 tracing::debug!(session = %id, "resume attached");
             }
             Err(err) => {
                 tracing::debug!(error = %err, "session handshake failed");
             }
+        }
+    }
+
+    /// Queues a new session for [`SessionListener::accept`]. With the backlog full it waits
+    /// for room, if fewer than a backlog's worth of sessions already wait; otherwise the
+    /// session is closed (its client reads a normal CLOSE saying why), so an application that
+    /// stops accepting costs a bounded number of sessions.
+    async fn hand_over(&self, session: Session) {
+        let id = session.id();
+        let session = match self.new_sessions.try_send(session) {
+            Ok(()) => return,
+            Err(TrySendError::Closed(_)) => {
+                // The listener is gone; dropping the session closes it.
+                tracing::debug!(session = %id, "new session dropped: the listener is gone");
+                return;
+            }
+            Err(TrySendError::Full(session)) => session,
+        };
+        let Ok(_waiting) = Arc::clone(&self.waiting).try_acquire_owned() else {
+            tracing::warn!(session = %id, "new session refused: the backlog is full and the application is not accepting");
+            session.refuse("server busy: too many new sessions waiting to be accepted");
+            return;
+        };
+        if self.new_sessions.send(session).await.is_err() {
+            tracing::debug!(session = %id, "new session dropped: the listener is gone");
         }
     }
 }

@@ -3,12 +3,13 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::Instant;
 
 use super::connection::Connection;
 use super::driver::{Driver, Registration};
 use super::establish::{fail, read_frame, send_close, write_frame};
 use super::options::SessionOptions;
-use super::shared::{now, Shared};
+use super::shared::{now, Shared, State};
 use super::stream::Session;
 use crate::error::{Error, Result};
 use crate::proto::{
@@ -91,6 +92,19 @@ enum Claim {
     },
 }
 
+/// Why a verified resume may not detach its session's path.
+#[derive(Debug)]
+enum Refusal {
+    /// A newer attempt (this one) detached it first.
+    Stale(u64),
+    /// The session ended.
+    Gone,
+    /// The session is closing: its client is owed the CLOSE.
+    Closed,
+    /// The client's offset is outside what the session holds.
+    Offset(Error),
+}
+
 impl Table {
     /// Records `attempt` as the session's last accepted resume attempt if it is newer than the
     /// one recorded (checked and recorded under one lock, so of two racing resumes only the
@@ -146,8 +160,10 @@ impl SessionServer {
     /// The handshake's failure, after the client was sent the matching CLOSE:
     /// [`Error::SessionUnknown`], [`Error::SessionExpired`], [`Error::AuthenticationFailed`],
     /// [`Error::ReplayDataUnavailable`] (the client is further behind than the session can
-    /// replay), [`Error::Protocol`], [`Error::HandshakeTimeout`], [`Error::Io`]. None of them
-    /// affects any session.
+    /// replay), [`Error::PipeClosed`] (the session is closing: the client was sent its CLOSE),
+    /// [`Error::ReconnectionInProgress`] (a newer resume of the session took over),
+    /// [`Error::Protocol`], [`Error::HandshakeTimeout`], [`Error::Io`]. None of them affects
+    /// any session but the one that was closing.
     pub async fn accept(&self, io: impl Io) -> Result<Accepted> {
         let timeout = self.inner.options.handshake_timeout;
         let mut io: BoxIo = Box::new(io);
@@ -244,44 +260,40 @@ impl SessionServer {
             }
         };
         let client_offset = verified.client_reader_seq();
-        let detached = shared.with(|st, now| {
-            st.conn.check_resume(client_offset)?;
-            if st.conn.is_ended() {
-                return Err(Error::SessionUnknown(id));
-            }
-            st.conn.handle_transport_lost(now);
-            st.resuming = Some(attempt);
-            Ok(st.conn.resume_offset())
-        });
+        let detached = shared.with(|st, now| detach(st, now, attempt, client_offset));
         let server_offset = match detached {
             Ok(offset) => offset,
-            Err(err) => {
-                let code = match err {
-                    Error::SessionUnknown(_) => CloseCode::UnknownSession,
-                    _ => CloseCode::ReplayUnavailable,
+            Err(Refusal::Stale(last_attempt)) => {
+                let error = HandshakeError::ReplayedResume {
+                    attempt,
+                    last_attempt,
                 };
-                send_close(io, verified.refuse(code, err.to_string())).await;
+                return Err(fail(io, error.into(), None).await);
+            }
+            Err(Refusal::Gone) => {
+                send_close(
+                    io,
+                    verified.refuse(CloseCode::UnknownSession, "unknown session"),
+                )
+                .await;
+                return Err(Error::SessionUnknown(id));
+            }
+            Err(Refusal::Closed) => {
+                // The CLOSE the session owed its client, delivered in place of RESUMED.
+                send_close(io, verified.refuse(CloseCode::Normal, "closed")).await;
+                return Err(Error::PipeClosed);
+            }
+            Err(Refusal::Offset(err)) => {
+                let close = verified.refuse(CloseCode::ReplayUnavailable, err.to_string());
+                send_close(io, close).await;
                 return Err(err);
             }
         };
         let (established, resumed) = verified.accept(server_offset);
         write_frame(io, &resumed).await?;
         let io = std::mem::replace(io, Box::new(tokio::io::empty()));
-        let mut io = Some(io);
-        let attached = shared.with(|st, now| {
-            if st.resuming != Some(attempt) {
-                // A newer resume took over meanwhile.
-                return Err(Error::ReconnectionInProgress);
-            }
-            st.resuming = None;
-            st.conn
-                .start_path(now, decoder, established.remote_reader_seq())?;
-            if let Some(io) = io.take() {
-                st.attach(io);
-            }
-            Ok(())
-        });
-        attached?;
+        let peer_offset = established.remote_reader_seq();
+        shared.with(|st, now| attach(st, now, attempt, decoder, peer_offset, io))?;
         tracing::debug!(session = %id, client = client_offset, server = server_offset, "session resumed");
         Ok(Accepted::Resumed(id))
     }
@@ -292,6 +304,49 @@ impl SessionServer {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// A verified resume's first step on its session: the live path is detached (the server's
+/// offset is taken at that instant and returned), unless a newer resume already did (the two
+/// raced from the claim to here) or the session is over.
+fn detach(st: &mut State, now: Instant, attempt: u64, client_offset: u64) -> Result<u64, Refusal> {
+    if attempt <= st.latest_attempt {
+        return Err(Refusal::Stale(st.latest_attempt));
+    }
+    if st.conn.is_ended() {
+        return Err(Refusal::Gone);
+    }
+    if st.conn.is_closing() {
+        return Err(Refusal::Closed);
+    }
+    st.conn
+        .check_resume(client_offset)
+        .map_err(Refusal::Offset)?;
+    st.latest_attempt = attempt;
+    st.conn.handle_transport_lost(now);
+    Ok(st.conn.resume_offset())
+}
+
+/// The resume's last step, once RESUMED was sent: its transport becomes the session's path,
+/// unless a newer resume detached the path since.
+///
+/// # Errors
+/// [`Error::ReconnectionInProgress`] if a newer resume took over; the session's end if it
+/// ended meanwhile.
+fn attach(
+    st: &mut State,
+    now: Instant,
+    attempt: u64,
+    decoder: FrameDecoder,
+    peer_offset: u64,
+    io: BoxIo,
+) -> Result<()> {
+    if st.latest_attempt != attempt {
+        return Err(Error::ReconnectionInProgress);
+    }
+    st.conn.start_path(now, decoder, peer_offset)?;
+    st.attach(io);
+    Ok(())
 }
 
 #[cfg(test)]
@@ -331,5 +386,61 @@ mod tests {
         ));
         drop(shared);
         assert!(matches!(table.claim_attempt(id, 8), Claim::Gone));
+    }
+
+    /// A server session with a live path over an in-memory transport.
+    fn live_session() -> Arc<Shared> {
+        let options = SessionOptions::default();
+        let now = now();
+        let mut conn =
+            Connection::new(Side::Server, SessionId::from_bytes([1; 16]), &options, now).unwrap();
+        conn.start_path(now, FrameDecoder::handshake(), 0).unwrap();
+        let (io, _far) = tokio::io::duplex(64);
+        Shared::new(conn, Some(Box::new(io)))
+    }
+
+    fn transport() -> BoxIo {
+        Box::new(tokio::io::duplex(64).0)
+    }
+
+    #[tokio::test]
+    async fn of_two_racing_resumes_the_older_cannot_detach_after_the_newer_nor_attach() {
+        let shared = live_session();
+        let mut st = shared.lock();
+        let now = now();
+        // Both claimed their numbers (6 last); 6 detaches first, then 5 arrives.
+        assert_eq!(detach(&mut st, now, 6, 0).unwrap(), 0);
+        assert!(matches!(detach(&mut st, now, 5, 0), Err(Refusal::Stale(6))));
+        assert!(matches!(
+            attach(&mut st, now, 5, FrameDecoder::handshake(), 0, transport()),
+            Err(Error::ReconnectionInProgress)
+        ));
+        attach(&mut st, now, 6, FrameDecoder::handshake(), 0, transport()).unwrap();
+        assert!(st.conn.has_path());
+        assert_eq!(st.conn.generation(), 2);
+        // The other order: 7 detaches, 8 takes over before 7 attaches; 7 then cannot attach.
+        detach(&mut st, now, 7, 0).unwrap();
+        detach(&mut st, now, 8, 0).unwrap();
+        assert!(matches!(
+            attach(&mut st, now, 7, FrameDecoder::handshake(), 0, transport()),
+            Err(Error::ReconnectionInProgress)
+        ));
+        attach(&mut st, now, 8, FrameDecoder::handshake(), 0, transport()).unwrap();
+        assert_eq!(st.conn.generation(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_resume_of_a_closing_session_is_refused_and_leaves_it_closing() {
+        let shared = live_session();
+        let mut st = shared.lock();
+        let now = now();
+        st.conn.handle_transport_lost(now);
+        st.conn.close(now, CloseCode::Normal, "closed");
+        assert!(st.conn.is_closing());
+        assert!(matches!(detach(&mut st, now, 1, 0), Err(Refusal::Closed)));
+        assert_eq!(st.latest_attempt, 0, "a refused attempt records nothing");
+        assert!(st.conn.is_closing());
+        st.conn.fail(now, Error::PipeClosed);
+        assert!(matches!(detach(&mut st, now, 2, 0), Err(Refusal::Gone)));
     }
 }

@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use super::connection::{Connection, Event};
 use crate::error::Error;
 use crate::pipe::PipeState;
+use crate::proto::CloseCode;
 use crate::transport::BoxIo;
 
 /// The current time, from tokio's clock so that paused-time tests control it.
@@ -60,9 +61,9 @@ pub(crate) struct State {
     pub(crate) dialing: bool,
     /// A client should dial at once, skipping the backoff.
     pub(crate) dial_now: bool,
-    /// A server resume in progress: the attempt that detached the path and may attach the
-    /// next (a newer resume racing it takes over).
-    pub(crate) resuming: Option<u64>,
+    /// A server's newest resume attempt that detached the path (0: none): only it may attach
+    /// the next transport, and an older attempt that comes later is refused.
+    pub(crate) latest_attempt: u64,
     status: watch::Sender<PipeState>,
     /// The deadline the driver sleeps until.
     pub(crate) driver_deadline: Option<Instant>,
@@ -76,7 +77,8 @@ pub(crate) struct Wakers {
 
 #[derive(Default)]
 struct WakerSlots {
-    reader: Option<Waker>,
+    /// Tasks waiting to read: one per task that reads concurrently (reads take `&self`).
+    readers: Vec<Waker>,
     /// Tasks waiting to write, flush, shut down or see acknowledgements: one per task that
     /// writes concurrently (the application decides how many).
     writers: Vec<Waker>,
@@ -97,16 +99,19 @@ impl Wakers {
         }
     }
 
-    fn set_reader(&self, waker: &Waker) {
+    fn add_reader(&self, waker: &Waker) {
         let mut slots = self.lock();
         slots.reader_notified = false;
-        Self::set(&mut slots.reader, waker);
+        Self::add(&mut slots.readers, waker);
     }
 
     fn add_writer(&self, waker: &Waker) {
-        let mut slots = self.lock();
-        if !slots.writers.iter().any(|w| w.will_wake(waker)) {
-            slots.writers.push(waker.clone());
+        Self::add(&mut self.lock().writers, waker);
+    }
+
+    fn add(list: &mut Vec<Waker>, waker: &Waker) {
+        if !list.iter().any(|w| w.will_wake(waker)) {
+            list.push(waker.clone());
         }
     }
 
@@ -129,18 +134,19 @@ impl Wakers {
         if !(wakes.reader || wakes.writers || wakes.driver) {
             return;
         }
-        let (reader, writers, driver) = {
+        let (readers, writers, driver) = {
             let mut slots = self.lock();
-            let reader = wakes.reader.then(|| slots.reader.take()).flatten();
-            slots.reader_notified |= reader.is_some();
-            let writers = match wakes.writers {
-                true => std::mem::take(&mut slots.writers),
+            let take = |wanted: bool, list: &mut Vec<Waker>| match wanted {
+                true => std::mem::take(list),
                 false => Vec::new(),
             };
+            let readers = take(wakes.reader, &mut slots.readers);
+            slots.reader_notified |= !readers.is_empty();
+            let writers = take(wakes.writers, &mut slots.writers);
             let driver = wakes.driver.then(|| slots.driver.clone()).flatten();
-            (reader, writers, driver)
+            (readers, writers, driver)
         };
-        for waker in driver.into_iter().chain(reader).chain(writers) {
+        for waker in driver.into_iter().chain(readers).chain(writers) {
             waker.wake();
         }
     }
@@ -207,6 +213,13 @@ impl Wake for WriteWake {
     }
 }
 
+/// Shuts `io` down as far as it goes without waiting (TLS close_notify, TCP FIN after a
+/// CLOSE), and drops it.
+fn courtesy_shutdown(mut io: BoxIo) {
+    let mut cx = Context::from_waker(Waker::noop());
+    let _ = Pin::new(&mut io).poll_shutdown(&mut cx);
+}
+
 /// What a read of the transport came to.
 enum Received {
     /// Bytes arrived and were handed to the connection.
@@ -226,7 +239,7 @@ impl Shared {
             io,
             dialing: false,
             dial_now: false,
-            resuming: None,
+            latest_attempt: 0,
             status: watch::Sender::new(PipeState::Disconnected),
             driver_deadline: None,
         };
@@ -264,6 +277,23 @@ impl Shared {
     /// Wakes whoever `wakes` names (after the lock was released).
     pub(crate) fn wake(&self, wakes: Wakes) {
         self.wakers.wake(wakes);
+    }
+
+    /// Closes the session with `code` (see [`Connection::close`]). The driver sends the
+    /// CLOSE, dialling at once first if a client has no transport. (Not sent from here: a
+    /// session dropped as its runtime shuts down sends nothing, as a crashed process would
+    /// not.)
+    pub(crate) fn close(&self, code: CloseCode, reason: &str) {
+        self.with(|st, now| {
+            st.conn.close(now, code, reason);
+            if st.conn.is_closing() && !st.conn.has_path() {
+                st.dial_now = true;
+            }
+        });
+        self.wakers.wake(Wakes {
+            driver: true,
+            ..Wakes::default()
+        });
     }
 
     /// A receiver that sees every state transition.
@@ -360,12 +390,17 @@ impl Shared {
 }
 
 impl State {
-    /// Installs `io` as the transport of the path the connection just started.
+    /// Installs `io` as the transport of the path the connection just started. The path may
+    /// already be over (the frames that came with the handshake closed the session): the
+    /// transport is then shut down and dropped.
     pub(crate) fn attach(&mut self, io: BoxIo) {
-        debug_assert!(self.conn.has_path());
-        self.io = Some(io);
         self.dialing = false;
         self.dial_now = false;
+        if self.conn.has_path() {
+            self.io = Some(io);
+        } else {
+            courtesy_shutdown(io);
+        }
     }
 
     /// Drains the connection's events and keeps the invariants: the transport is dropped
@@ -390,11 +425,8 @@ impl State {
             });
         }
         if !self.conn.has_path() {
-            if let Some(mut io) = self.io.take() {
-                // A courtesy shutdown (TLS close_notify, TCP FIN after a CLOSE); the transport
-                // is dropped either way.
-                let mut cx = Context::from_waker(Waker::noop());
-                let _ = Pin::new(&mut io).poll_shutdown(&mut cx);
+            if let Some(io) = self.io.take() {
+                courtesy_shutdown(io);
             }
         }
         let deadline = self.conn.poll_timeout();
@@ -445,7 +477,7 @@ impl State {
                 Err(err) => return Poll::Ready(Err(err.into())),
                 Ok(None) => {}
             }
-            shared.wakers.set_reader(cx.waker());
+            shared.wakers.add_reader(cx.waker());
             let mut rcx = Context::from_waker(&shared.read_waker);
             let direct = self.conn.direct_read_len();
             if direct > 0 {
@@ -582,5 +614,32 @@ impl State {
                 Poll::Pending
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{FrameDecoder, SessionId, Side};
+    use crate::session::SessionOptions;
+
+    #[tokio::test]
+    async fn a_transport_whose_path_ended_with_its_handshake_is_dropped_not_attached() {
+        let options = SessionOptions::default();
+        let now = now();
+        let mut conn =
+            Connection::new(Side::Client, SessionId::from_bytes([1; 16]), &options, now).unwrap();
+        // RESUMED and a CLOSE came in one segment: the path ends as it starts.
+        let mut decoder = FrameDecoder::handshake();
+        decoder.push(&crate::proto::Frame::close(CloseCode::Normal, "bye").to_vec());
+        conn.start_path(now, decoder, 0).unwrap();
+        assert!(!conn.has_path());
+        let shared = Shared::new(conn, None);
+        let (io, _far) = tokio::io::duplex(64);
+        let mut st = shared.lock();
+        st.dialing = true;
+        st.attach(Box::new(io));
+        assert!(st.io.is_none() && !st.dialing);
+        assert!(matches!(st.derive_status(), PipeState::Failed(_)));
     }
 }

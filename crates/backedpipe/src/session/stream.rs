@@ -91,12 +91,16 @@ struct Handle {
 
 impl Drop for Handle {
     fn drop(&mut self) {
-        self.shared
-            .with(|st, now| st.conn.close(now, CloseCode::Normal, "closed"));
+        self.shared.close(CloseCode::Normal, "closed");
     }
 }
 
 impl Session {
+    /// Closes a session the application never saw, telling its client why.
+    pub(crate) fn refuse(self, reason: &str) {
+        self.shared().close(CloseCode::Normal, reason);
+    }
+
     /// Opens a new session through `connector` and returns it connected. From then on the
     /// session resumes by itself through the same connector after every transport loss, with
     /// backoff and full jitter, forever unless [`PipeConfig::max_reconnect_attempts`] says
@@ -291,15 +295,16 @@ impl Session {
     /// overtake data the peer could still get; then the peer gets CLOSE and its writes fail
     /// with [`Error::ClosedByPeer`], as do its reads once it has read everything before (and
     /// a peer that had read end-of-stream keeps reading `Ok(0)`); a server forgets the
-    /// session. Waits at most about a second more for the CLOSE to leave. Dropping the session
-    /// closes it at once, without waiting for anything.
+    /// session. Waits at most about a second more for the CLOSE to leave: a client without a
+    /// transport dials at once to deliver it (its resume is answered with the CLOSE), a server
+    /// without one answers its client's resume with it. Dropping the session closes it the
+    /// same way, without waiting for anything.
     ///
     /// # Errors
     /// None at present; the signature leaves room for reporting a failed close.
     pub async fn close(&self) -> Result<()> {
         let _ = tokio::time::timeout(self.handle.close_timeout, self.acknowledged()).await;
-        self.shared()
-            .with(|st, now| st.conn.close(now, CloseCode::Normal, "closed"));
+        self.shared().close(CloseCode::Normal, "closed");
         let finished = self.shared().finished.clone();
         let _ = tokio::time::timeout(CLOSE_LINGER * 2, finished.cancelled()).await;
         Ok(())

@@ -7,8 +7,9 @@ use crate::error::Error;
 ///
 /// FIN is sent once per path (again after a resume, since the peer may have missed it) and
 /// ends our direction for good; the peer's FIN ends its direction once every byte before it
-/// has been read. CLOSE ends both: ours is sent after what the peer has not yet acknowledged
-/// (see [`Connection::close`](super::Connection::close)), the peer's ends writes at once and
+/// has been read. CLOSE ends both: ours leaves at the next frame boundary, after no more
+/// data (see [`Connection::close`](super::Connection::close); a session's `close` first
+/// waits for the peer to acknowledge what was written); the peer's ends writes at once and
 /// reads once the bytes received before it have been read.
 #[derive(Debug, Clone)]
 pub(crate) enum Lifecycle {
@@ -20,7 +21,8 @@ pub(crate) enum Lifecycle {
     FinReceived,
     /// Both directions are shut down; the session stays until one side closes it.
     FinBoth,
-    /// A CLOSE is queued on the path (the linger timer bounds how long it may take to leave).
+    /// A CLOSE is queued, on the current path or the next (the linger timer bounds how long
+    /// it may take to leave).
     /// `reason` is what reads and writes report meanwhile.
     Closing { fin_received: bool, reason: Error },
     /// Closed locally: reads end, writes fail with [`Error::PipeClosed`].

@@ -50,7 +50,8 @@ pub enum Event {
     /// Writers may go on: the peer acknowledged bytes (room in the replay buffer) or the
     /// session ended.
     Writable,
-    /// Room was made in the receive buffer: read the transport again.
+    /// The transport is to be read again: room was made in the receive buffer, or a new
+    /// path started.
     ReceiveRoom,
     /// The path is gone (dead, failed, or replaced): drop its transport. A client resumes; a
     /// server waits for its client to.
@@ -207,6 +208,8 @@ pub struct Connection {
     path: Option<Path>,
     /// Paths started so far.
     generation: u64,
+    /// The peer sent a frame on the latest path (kept after the path is lost).
+    heard_from_peer: bool,
     timers: TimerTable,
     /// A CLOSE to send at the next frame boundary.
     close_frame: Option<Frame>,
@@ -235,6 +238,7 @@ impl Connection {
             lifecycle: Lifecycle::Open,
             path: None,
             generation: 0,
+            heard_from_peer: false,
             timers: TimerTable::default(),
             close_frame: None,
             next_ping: 0,
@@ -264,6 +268,18 @@ impl Connection {
     /// Whether a transport is attached.
     pub fn has_path(&self) -> bool {
         self.path.is_some()
+    }
+
+    /// Whether the peer sent a frame on the latest path after its handshake (it proved
+    /// itself: a client that loses it may resume at once).
+    pub fn path_heard_from(&self) -> bool {
+        self.heard_from_peer
+    }
+
+    /// Whether a CLOSE is queued and has not left yet (it goes out on the current path, or
+    /// on the next one if there is none; the linger timer bounds the wait).
+    pub fn is_closing(&self) -> bool {
+        matches!(self.lifecycle, Lifecycle::Closing { .. })
     }
 
     /// Whether the session ended (closed or failed).
@@ -361,13 +377,14 @@ impl Connection {
         self.recv.on_new_path();
         self.path = Some(Path::new(decoder, peer_offset));
         self.generation += 1;
+        self.heard_from_peer = false;
         self.timers.stop(Timer::Expiry);
         self.timers.stop(Timer::AckDelay);
         self.timers
             .set(Timer::Heartbeat, now + self.heartbeat_interval);
         self.timers.set(Timer::Idle, now + self.dead_after);
-        // The peer's offset acknowledged bytes: writers may have room. The reader polls the
-        // new transport itself (it waited on the old one), and so does the driver.
+        // The peer's offset acknowledged bytes: writers may have room. The new transport is
+        // to be read, by the reader (it waited on the old one) and by whoever drives I/O.
         self.emit(Event::Writable);
         self.emit(Event::Readable);
         self.emit(Event::ReceiveRoom);
@@ -523,6 +540,7 @@ impl Connection {
     }
 
     fn handle_data(&mut self, now: Instant, payload: &[u8]) {
+        self.heard_from_peer = true;
         if self.lifecycle.fin_received() {
             self.violation(now, CloseCode::ProtocolViolation, "DATA after FIN".into());
             return;
@@ -535,9 +553,10 @@ impl Connection {
     }
 
     fn handle_frame(&mut self, now: Instant, frame: Frame) {
+        self.heard_from_peer = true;
         match frame {
             Frame::Data(payload) => self.handle_data(now, &payload),
-            Frame::Ack(seq) => match self.send.on_ack(now, seq) {
+            Frame::Ack(seq) => match self.send.on_ack(now, seq, self.path_sent()) {
                 Ok(true) => self.emit(Event::Writable),
                 Ok(false) => {}
                 Err(err) => self.violation(now, CloseCode::ProtocolViolation, err.to_string()),
@@ -664,9 +683,12 @@ impl Connection {
         Ok(())
     }
 
-    /// Closes the session: an ACK of what was read, then CLOSE with `code`, leave on the
-    /// current path within the close linger (1 s), and the session ends. Without a path it
-    /// ends at once. Reads then end and writes fail with [`Error::PipeClosed`].
+    /// Closes the session: an ACK of what was read, then CLOSE with `code`, leave at the
+    /// next frame boundary (data not yet sent stays unsent), and the session ends. Without a
+    /// path the CLOSE waits for the next one ([`start_path`](Self::start_path) then refuses
+    /// the path with the session's end, which the caller sends as the CLOSE); the close linger
+    /// (1 s) bounds the wait either way. Reads then end and writes fail with
+    /// [`Error::PipeClosed`].
     pub fn close(&mut self, now: Instant, code: CloseCode, reason: &str) {
         if !self.lifecycle.is_live() {
             return;
@@ -683,11 +705,9 @@ impl Connection {
         }
     }
 
+    /// Queues a CLOSE for the current path, or, without one, for the next (a client dials
+    /// to deliver it; a server refuses the resume with it). The linger timer bounds both.
     fn queue_close(&mut self, now: Instant, frame: Frame, reason: Error) {
-        if self.path.is_none() {
-            self.end(now, reason);
-            return;
-        }
         self.lifecycle.closing(reason);
         self.close_frame = Some(frame);
         self.timers.set(Timer::Linger, now + CLOSE_LINGER);
@@ -886,6 +906,15 @@ impl Connection {
     }
 
     // ---- events ----
+
+    /// The end of the stream bytes handed to the current transport: all the peer can have
+    /// received on this path, so the most it may acknowledge.
+    fn path_sent(&self) -> u64 {
+        self.path.as_ref().map_or(0, |path| match path.payload {
+            Some((seq, _)) => seq,
+            None => path.next_send,
+        })
+    }
 
     fn emit(&mut self, event: Event) {
         self.events |= event.bit();

@@ -79,17 +79,18 @@ impl Send {
         self.max_sent = self.max_sent.max(end);
     }
 
-    /// The peer acknowledged `seq` bytes. Returns whether that released anything.
+    /// The peer acknowledged `seq` bytes, on a path that was handed our stream up to `sent`.
+    /// Returns whether that released anything.
     ///
     /// # Errors
-    /// An acknowledgement beyond what was sent is a lie ([`Error::Protocol`]); one below an
+    /// An acknowledgement beyond what the path was sent is a lie ([`Error::Protocol`]): bytes
+    /// an earlier path carried past the peer's resume offset never reached it. One below an
     /// earlier acknowledgement is old news and ignored (after a resume the peer's offset
     /// counts as one, and its later ACKs may carry less).
-    pub(super) fn on_ack(&mut self, now: Instant, seq: u64) -> Result<bool> {
-        if seq > self.max_sent {
+    pub(super) fn on_ack(&mut self, now: Instant, seq: u64, sent: u64) -> Result<bool> {
+        if seq > sent {
             return Err(Error::Protocol(format!(
-                "peer acknowledged {seq} bytes but only {} were sent",
-                self.max_sent
+                "peer acknowledged {seq} bytes but this path was sent only {sent}"
             )));
         }
         if seq <= self.acked() {

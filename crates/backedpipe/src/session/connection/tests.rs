@@ -536,6 +536,58 @@ fn an_acknowledgement_of_bytes_never_sent_is_a_violation() {
 }
 
 #[test]
+fn an_acknowledgement_of_bytes_sent_only_on_a_lost_path_is_a_violation() {
+    let mut pair = Pair::new(&options());
+    // The bytes leave on the first path and are lost with it.
+    pair.link = Link::BlackHole;
+    pair.write_all(Side::Client, b"lost in flight");
+    pair.drive();
+    pair.cut();
+    pair.reconnect();
+    // The peer resumed holding none of them; it acknowledges them before this path carried
+    // any.
+    let now = pair.now;
+    pair.client.conn.handle_input(now, &Frame::ack(14).to_vec());
+    pair.link = Link::Up;
+    pair.drive();
+    assert!(matches!(pair.client.conn.error(), Some(Error::Protocol(_))));
+    assert!(pair.events(Side::Server).contains(&Event::Ended));
+}
+
+#[test]
+fn a_close_without_a_path_leaves_on_the_next_one_as_its_refusal() {
+    let mut pair = Pair::new(&options());
+    pair.cut();
+    let now = pair.now;
+    pair.client.conn.close(now, CloseCode::Normal, "bye");
+    assert!(pair.client.conn.is_closing() && !pair.client.conn.is_ended());
+    // The resume that follows is refused with the session's end, which the caller sends.
+    assert!(matches!(
+        pair.client.conn.start_path(now, FrameDecoder::new(), 0),
+        Err(Error::PipeClosed)
+    ));
+    // If no transport comes, the linger ends it.
+    pair.client.conn.handle_timeout(now + CLOSE_LINGER);
+    assert!(pair.client.conn.is_ended() && pair.client.conn.error().is_none());
+}
+
+#[test]
+fn the_peer_is_heard_from_on_a_path_once_it_sends_a_frame() {
+    let mut pair = Pair::new(&options());
+    assert!(!pair.client.conn.path_heard_from());
+    pair.write_all(Side::Server, b"x");
+    pair.drive();
+    assert!(pair.client.conn.path_heard_from());
+    pair.cut();
+    assert!(pair.client.conn.path_heard_from(), "kept after the loss");
+    pair.reconnect();
+    assert!(
+        !pair.client.conn.path_heard_from(),
+        "each path proves itself"
+    );
+}
+
+#[test]
 fn a_resume_offset_outside_what_is_held_is_refused_and_changes_nothing() {
     let mut pair = Pair::new(&options());
     pair.write_all(Side::Client, &[1; 1000]);
