@@ -11,7 +11,7 @@ use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::time::Sleep;
 
@@ -23,11 +23,6 @@ use crate::error::Error;
 
 /// How many turns the driver takes in a row before it yields to other tasks.
 const TURNS_PER_POLL: u32 = 16;
-
-/// How long a client's path must live, if its peer sends nothing on it, before its loss is
-/// resumed at once rather than after a backoff delay: a server that accepts every resume and
-/// drops it at once must not get a tight loop of handshakes.
-const PROVEN_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What a client's driver needs to resume.
 pub(crate) struct Resumer {
@@ -54,8 +49,11 @@ pub(crate) struct Driver {
     retry_at: Option<Instant>,
     /// Failed attempts in a row.
     failures: u32,
-    /// When a client's current path started (`None` on a server, and once its loss was seen).
-    path_since: Option<Instant>,
+    /// A client's current path: when it started and how long its dial took (`None` on a
+    /// server, and once its loss was seen).
+    path_since: Option<(Instant, Duration)>,
+    /// When the client's resume in flight started.
+    dial_started: Instant,
     sleep: Pin<Box<Sleep>>,
     /// The deadline `sleep` is set to.
     armed: Option<Instant>,
@@ -70,7 +68,7 @@ impl Driver {
         registration: Option<Registration>,
     ) -> Driver {
         // A client starts with its first path.
-        let path_since = resumer.as_ref().map(|_| now());
+        let path_since = resumer.as_ref().map(|_| (now(), Duration::ZERO));
         Driver {
             shared,
             resumer,
@@ -79,6 +77,7 @@ impl Driver {
             retry_at: None,
             failures: 0,
             path_since,
+            dial_started: now(),
             sleep: Box::pin(tokio::time::sleep_until(tokio::time::Instant::now())),
             armed: None,
             yielded: false,
@@ -122,11 +121,14 @@ impl Driver {
                 let ended = st.conn.is_ended();
                 if !ended && !st.conn.has_path() && self.dial.is_none() {
                     if let Some(resumer) = self.resumer.as_mut() {
-                        if let Some(since) = self.path_since.take() {
-                            // The path just ended. One that proved itself is resumed at once;
-                            // one that did not waits for the next backoff delay.
+                        if let Some((since, dial)) = self.path_since.take() {
+                            // The path just ended. One that proved itself (its peer sent a
+                            // frame, or it outlived its own dial) is resumed at once; one
+                            // that did not waits for the next backoff delay, so a server that
+                            // drops every resumed transport at once gets no tight loop of
+                            // handshakes.
                             let proven = st.conn.path_heard_from()
-                                || now.saturating_duration_since(since) >= PROVEN_AFTER;
+                                || now.saturating_duration_since(since) > dial;
                             if proven {
                                 resumer.backoff.reset();
                             } else if !st.dial_now {
@@ -138,6 +140,7 @@ impl Driver {
                             st.dialing = true;
                             st.dial_now = false;
                             self.retry_at = None;
+                            self.dial_started = now;
                             self.dial = Some(Arc::clone(&resumer.dial).dial(self.shared.clone()));
                             progress = true;
                         }
@@ -193,13 +196,14 @@ impl Driver {
         let failures = &mut self.failures;
         let retry_at = &mut self.retry_at;
         let path_since = &mut self.path_since;
+        let dial_started = self.dial_started;
         self.shared.with(|st, now| {
             st.dialing = false;
             match result {
                 Ok(()) => {
                     // The backoff starts again once the path proves itself (see above).
                     *failures = 0;
-                    *path_since = Some(now);
+                    *path_since = Some((now, now.saturating_duration_since(dial_started)));
                 }
                 Err(Error::PipeClosed) if st.conn.is_closing() => {
                     // The session was closed while this resume was under way; the new
