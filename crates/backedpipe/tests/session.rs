@@ -965,3 +965,84 @@ async fn transports_that_die_at_once_after_resuming_are_redialled_with_backoff()
     })
     .await;
 }
+
+/// A flag another task sets once it gets to run.
+fn other_task_ran() -> Arc<AtomicBool> {
+    let ran = Arc::new(AtomicBool::new(false));
+    tokio::spawn({
+        let ran = ran.clone();
+        async move { ran.store(true, Ordering::SeqCst) }
+    });
+    ran
+}
+
+/// A session spends tokio's cooperative budget as a socket does: writes that always find
+/// room (here, in the buffer of a session with no transport) still let other tasks run.
+#[tokio::test(start_paused = true)]
+async fn a_writer_that_always_finds_room_still_lets_other_tasks_run() {
+    guarded(async {
+        let mut harness = Harness::new(small_options());
+        let (client, _server) = harness.connect().await;
+        harness.refuse.store(true, Ordering::SeqCst);
+        harness.set_links(LinkState::Cut);
+        client
+            .status()
+            .wait_for(|s| !matches!(s, PipeState::Connected))
+            .await
+            .unwrap();
+        let ran = other_task_ran();
+        let mut writes = 0;
+        // 10,000 bytes fit in the 256 KiB buffer: without the budget this loop never yields.
+        while !ran.load(Ordering::SeqCst) && writes < 10_000 {
+            assert_eq!(client.write(b"x").await.unwrap(), 1);
+            writes += 1;
+        }
+        assert!(ran.load(Ordering::SeqCst), "the writing task never yielded");
+    })
+    .await;
+}
+
+/// Reads served from bytes the session already holds spend the budget too.
+#[tokio::test(start_paused = true)]
+async fn a_reader_that_always_finds_bytes_still_lets_other_tasks_run() {
+    guarded(async {
+        let mut harness = Harness::new(small_options());
+        let (client, server) = harness.connect().await;
+        client.write_all(&[7; 10_000]).await.unwrap();
+        // Paused time moves only once every task is idle: by then the server's driver has
+        // taken all 10,000 bytes off the transport into the session.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let ran = other_task_ran();
+        let mut byte = [0u8; 1];
+        let mut reads = 0;
+        while !ran.load(Ordering::SeqCst) && reads < 10_000 {
+            assert_eq!(server.read(&mut byte).await.unwrap(), 1);
+            reads += 1;
+        }
+        assert!(ran.load(Ordering::SeqCst), "the reading task never yielded");
+    })
+    .await;
+}
+
+/// Over a transport that spends the budget itself (tokio's duplex does), a session write still
+/// costs one unit, not two: counted twice, the budget would have a throughput run's tasks
+/// traded between the runtime's workers twice as often.
+#[tokio::test(start_paused = true)]
+async fn a_session_write_over_a_tokio_transport_spends_one_unit_of_budget() {
+    guarded(async {
+        let mut harness = Harness::new(small_options());
+        let (client, _server) = harness.connect().await;
+        let ran = other_task_ran();
+        let mut writes = 0;
+        while !ran.load(Ordering::SeqCst) && writes < 1000 {
+            assert_eq!(client.write(b"x").await.unwrap(), 1);
+            writes += 1;
+        }
+        assert!(ran.load(Ordering::SeqCst), "the writing task never yielded");
+        assert!(
+            writes > 100,
+            "yielded after {writes} writes: the budget was spent twice per write"
+        );
+    })
+    .await;
+}

@@ -16,7 +16,7 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::{ready, Context, Poll, Wake, Waker};
 use std::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -24,6 +24,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::connection::{Connection, Event};
+use crate::budget;
 use crate::error::Error;
 use crate::pipe::PipeState;
 use crate::proto::CloseCode;
@@ -302,42 +303,62 @@ impl Shared {
     }
 
     /// The application's read.
+    ///
+    /// Takes part in tokio's cooperative budget as tokio's sockets do, one unit per read
+    /// whatever the transport spends (see [`budget`](crate::budget)): a task reading a session
+    /// that always has bytes buffered still yields now and then.
     pub(crate) fn poll_read(
         &self,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let now = now();
-        let (result, wakes) = {
-            let mut st = self.lock();
-            let result = st.poll_read_app(self, cx, buf, now);
-            // An acknowledgement the read made due goes out now, if the transport takes it.
-            st.transmit(&self.write_waker, now);
-            (result, st.settle())
-        };
-        self.wakers.wake(wakes);
+        let coop = ready!(tokio::task::coop::poll_proceed(cx));
+        let result = budget::poll_transport(cx, |cx| {
+            let now = now();
+            let (result, wakes) = {
+                let mut st = self.lock();
+                let result = st.poll_read_app(self, cx, buf, now);
+                // An acknowledgement the read made due goes out now, if the transport takes it.
+                st.transmit(&self.write_waker, now);
+                (result, st.settle())
+            };
+            self.wakers.wake(wakes);
+            result
+        });
+        if result.is_ready() {
+            coop.made_progress();
+        }
         result
     }
 
-    /// The application's write.
+    /// The application's write; spends the task's budget as [`poll_read`](Self::poll_read)
+    /// does, so a writer that always finds room (a disconnected session filling its buffer)
+    /// still yields.
     pub(crate) fn poll_write(&self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        let now = now();
-        let (result, wakes) = {
-            let mut st = self.lock();
-            let result = match st.conn.write(now, buf) {
-                Err(err) => Poll::Ready(Err(err.into())),
-                Ok(None) => {
-                    self.wakers.add_writer(cx.waker());
-                    Poll::Pending
-                }
-                Ok(Some(n)) => {
-                    st.transmit(&self.write_waker, now);
-                    Poll::Ready(Ok(n))
-                }
+        let coop = ready!(tokio::task::coop::poll_proceed(cx));
+        let result = budget::poll_transport(cx, |cx| {
+            let now = now();
+            let (result, wakes) = {
+                let mut st = self.lock();
+                let result = match st.conn.write(now, buf) {
+                    Err(err) => Poll::Ready(Err(err.into())),
+                    Ok(None) => {
+                        self.wakers.add_writer(cx.waker());
+                        Poll::Pending
+                    }
+                    Ok(Some(n)) => {
+                        st.transmit(&self.write_waker, now);
+                        Poll::Ready(Ok(n))
+                    }
+                };
+                (result, st.settle())
             };
-            (result, st.settle())
-        };
-        self.wakers.wake(wakes);
+            self.wakers.wake(wakes);
+            result
+        });
+        if result.is_ready() {
+            coop.made_progress();
+        }
         result
     }
 
