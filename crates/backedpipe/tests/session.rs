@@ -1046,3 +1046,36 @@ async fn a_session_write_over_a_tokio_transport_spends_one_unit_of_budget() {
     })
     .await;
 }
+
+/// A probe after a network change finds a black-holed path dead within its own bound, not the
+/// liveness bound, and the client resumes at once; a healthy path is only pinged.
+#[tokio::test(start_paused = true)]
+async fn a_probed_black_hole_is_resumed_within_the_probe_bound() {
+    guarded(async {
+        let mut harness = Harness::new(small_options());
+        let (client, mut server) = harness.connect().await;
+        let generation = client.generation();
+        // Healthy: the probe is answered, and the transport kept.
+        client.probe_path(Duration::from_secs(2));
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(client.generation(), generation);
+        harness.set_links(LinkState::Held);
+        let start = tokio::time::Instant::now();
+        client.probe_path(Duration::from_secs(2));
+        let mut status = client.status();
+        status
+            .wait_for(|_| client.generation() > generation)
+            .await
+            .unwrap();
+        let elapsed = start.elapsed();
+        assert!(
+            elapsed <= Duration::from_millis(2100),
+            "resumed after {elapsed:?}"
+        );
+        client.write_all(b"after the probe").await.unwrap();
+        let mut buf = [0u8; 15];
+        server.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"after the probe");
+    })
+    .await;
+}

@@ -289,6 +289,31 @@ impl Session {
         self.shared().wake(super::shared::Wakes::all());
     }
 
+    /// Checks the current transport at once, for when there is reason to doubt it (the
+    /// machine's network changed: an address came or went, Wi-Fi was switched, the lid
+    /// opened). A PING goes out now, and unless anything arrives from the peer within
+    /// `within` the transport is declared dead and a client resumes at once, rather than
+    /// after the liveness bound ([`SessionConfig::dead_after`](crate::session::SessionConfig),
+    /// 11 s by default). A transport whose address went
+    /// away drops packets without a word, so this is how a roaming client resumes in about
+    /// `within` instead. Without a transport, a client dials at once, as
+    /// [`resume_now`](Self::resume_now). A healthy transport answers and is kept.
+    ///
+    /// ```
+    /// # async fn example(session: backedpipe::Session) {
+    /// // Told by the platform that an address appeared:
+    /// session.probe_path(std::time::Duration::from_secs(3));
+    /// # }
+    /// ```
+    pub fn probe_path(&self, within: Duration) {
+        self.shared().with(|st, now| {
+            if !st.conn.probe_path(now, within) && !st.conn.has_path() {
+                st.dial_now = true;
+            }
+        });
+        self.shared().wake(super::shared::Wakes::all());
+    }
+
     /// Closes the session gracefully: waits (at most the
     /// [`close_timeout`](SessionOptions::close_timeout), 30 s by default, enough to replace a
     /// dead path) for the peer to acknowledge every byte written, so that the CLOSE cannot

@@ -19,7 +19,8 @@ use super::common::{
 };
 use super::CliError;
 use crate::client::{
-    inside_carrier, ApiClient, SshCarrier, SshCommand, SshConnector, CARRIER_LINGER,
+    inside_carrier, network_changes, probe_on_network_changes, ApiClient, SshCarrier, SshCommand,
+    SshConnector, CARRIER_LINGER,
 };
 
 /// Carry one immortal stream on stdin/stdout (for ssh's ProxyCommand).
@@ -110,6 +111,7 @@ pub async fn run(args: ConnectArgs) -> Result<(), CliError> {
     let carried = tokio::select! {
         result = carry(&session, &mut gone, stdin, tokio::io::stdout(), Until::RemoteEnds) => result,
         signal = termination() => Err(CliError::Stopped(signal)),
+        never = probe_on_network_changes(&session, network_changes()) => match never {},
     };
     if let Some(reporter) = reporter {
         reporter.abort();
@@ -178,6 +180,7 @@ async fn run_via_ssh(args: ConnectArgs, dest: String) -> Result<(), CliError> {
     let carried = tokio::select! {
         result = carry(&session, &mut gone, stdin, tokio::io::stdout(), Until::RemoteEnds) => result,
         signal = termination() => Err(CliError::Stopped(signal)),
+        never = probe_on_network_changes(&session, network_changes()) => match never {},
     };
     if let Some(reporter) = reporter {
         reporter.abort();

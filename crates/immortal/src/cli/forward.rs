@@ -21,7 +21,7 @@ use super::common::{
 };
 use super::CliError;
 use crate::api::StreamInfo;
-use crate::client::{ApiClient, ClientError};
+use crate::client::{network_changes, probe_on_network_changes, ApiClient, ClientError};
 
 /// Forward a local port to a port on the agent's host, each connection an immortal stream.
 ///
@@ -202,6 +202,7 @@ impl Forwarding {
         let carried = tokio::select! {
             carried = carry(&session, &mut gone, input, output, Until::BothEnd) => Some(carried),
             () = self.stop.cancelled() => None,
+            never = probe_on_network_changes(&session, network_changes()) => match never {},
         };
         reporter.abort();
         // A clean end closes gracefully (the agent acknowledges what we sent first); being

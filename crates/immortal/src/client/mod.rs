@@ -17,7 +17,7 @@ mod stream;
 pub use self::api_client::{ApiClient, REQUEST_TIMEOUT};
 pub use self::dial::{Dialer, ServerAddr, TlsTrust, DEFAULT_PORT, DIAL_TIMEOUT};
 pub use self::error::ClientError;
-pub use self::network::network_changes;
+pub use self::network::{network_changes, probe_on_network_changes, PROBE_WITHIN};
 pub use self::ssh::{
     inside_carrier, Carriers, SshCarrier, SshCommand, SshCommandError, SshConnector, CARRIER_ENV,
     CARRIER_LINGER, SSH_COMMAND_ENV,

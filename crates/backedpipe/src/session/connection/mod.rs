@@ -407,6 +407,26 @@ impl Connection {
         self.drop_path(now);
     }
 
+    /// Checks the current path now, when there is reason to doubt it (the machine's network
+    /// changed): a PING goes out with the next transmit, and the path is declared dead unless
+    /// something arrives from the peer within `within`, instead of only after the liveness
+    /// bound. Returns whether a path is being checked (`false` without a path, or while
+    /// closing, when nothing watches the peer's silence).
+    ///
+    /// A path bound to an address that went away loses its packets without a word, so
+    /// without this the session would wait out the whole liveness bound before resuming.
+    pub fn probe_path(&mut self, now: Instant, within: Duration) -> bool {
+        let Some(path) = self.path.as_mut() else {
+            return false;
+        };
+        let Some(deadline) = self.timers.get(Timer::Idle) else {
+            return false;
+        };
+        path.ping_due = true;
+        self.timers.set(Timer::Idle, deadline.min(now + within));
+        true
+    }
+
     fn drop_path(&mut self, now: Instant) {
         if self.path.take().is_none() {
             return;

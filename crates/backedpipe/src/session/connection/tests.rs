@@ -359,6 +359,52 @@ fn a_black_holed_path_is_declared_dead_within_the_liveness_bound() {
 }
 
 #[test]
+fn a_probed_black_holed_path_is_declared_dead_within_the_probe_bound() {
+    let mut pair = Pair::new(&options());
+    pair.events(Side::Client);
+    pair.link = Link::BlackHole;
+    let now = pair.now;
+    assert!(pair.client.conn.probe_path(now, Duration::from_secs(2)));
+    pair.advance(Duration::from_millis(1999));
+    assert!(pair.client.conn.has_path(), "not before the probe's bound");
+    pair.advance(Duration::from_millis(2));
+    assert!(
+        !pair.client.conn.has_path(),
+        "dead after 2 s, not the 11 s of the liveness bound"
+    );
+    assert!(pair.events(Side::Client).contains(&Event::PathLost));
+    // Without a path there is nothing to probe.
+    let now = pair.now;
+    assert!(!pair.client.conn.probe_path(now, Duration::from_secs(2)));
+}
+
+#[test]
+fn a_probed_live_path_answers_and_stays() {
+    let mut pair = Pair::new(&options());
+    pair.events(Side::Client);
+    let generation = pair.client.conn.generation();
+    // A quiet path: the probe's PING is all that crosses, and its PONG keeps the path.
+    pair.advance(Duration::from_millis(100));
+    let server_generation = pair.server.conn.generation();
+    let now = pair.now;
+    assert!(pair.client.conn.probe_path(now, Duration::from_secs(2)));
+    let mut wire = Vec::new();
+    pair.client.conn.poll_transmit_into(now, &mut wire);
+    let mut decoder = FrameDecoder::new();
+    decoder.push(&wire);
+    assert!(
+        matches!(decoder.next_frame(), Ok(Some(Frame::Ping(_)))),
+        "the probe sends a PING at once"
+    );
+    pair.server.conn.handle_input(now, &wire);
+    pair.advance(Duration::from_secs(5));
+    assert!(pair.client.conn.has_path() && pair.server.conn.has_path());
+    assert_eq!(pair.client.conn.generation(), generation);
+    assert_eq!(pair.server.conn.generation(), server_generation);
+    assert!(!pair.events(Side::Client).contains(&Event::PathLost));
+}
+
+#[test]
 fn a_reader_that_does_not_read_is_not_taken_for_a_dead_path() {
     let mut pair = Pair::new(&options().receive_limit(64 * 1024));
     pair.write_all(Side::Client, &[1; 200 * 1024]);
