@@ -44,6 +44,7 @@ use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::sync::watch;
 
 use super::error::ClientError;
+use super::network::network_changes;
 use super::stream::GoneSignal;
 use crate::socket_proto::{self, ErrorCode, Reply, Request};
 
@@ -316,6 +317,8 @@ pub struct SshConnector {
     remote: AtomicUsize,
     gone: Arc<watch::Sender<Option<ClientError>>>,
     carriers: Carriers,
+    /// Grows when the machine gains a network address.
+    network: watch::Receiver<u64>,
 }
 
 impl SshConnector {
@@ -329,7 +332,15 @@ impl SshConnector {
             remote: AtomicUsize::new(0),
             gone: Arc::new(watch::Sender::new(None)),
             carriers: Carriers::default(),
+            network: network_changes(),
         }
+    }
+
+    /// The same connector, told of network changes by `network` instead of the machine's
+    /// watcher (for tests, or a caller with its own notion of "the network changed").
+    pub fn with_network_changes(mut self, network: watch::Receiver<u64>) -> Self {
+        self.network = network;
+        self
     }
 
     /// This connector's carriers, to wait for them to finish before the program exits.
@@ -469,8 +480,21 @@ impl SshConnector {
 }
 
 impl Connector for SshConnector {
+    /// Opens a carrier ([`open`](SshConnector::open)); when the machine gains a network
+    /// address meanwhile, the carrier being started (an ssh login on the old path, which may
+    /// hang until its `ConnectTimeout`) is abandoned and a new one started at once.
     async fn connect(&self) -> io::Result<BoxIo> {
-        self.open().await.map_err(|err| {
+        let mut network = self.network.clone();
+        network.borrow_and_update();
+        let opened = loop {
+            tokio::select! {
+                opened = self.open() => break opened,
+                Ok(()) = network.changed() => {
+                    tracing::debug!(host = %self.carrier.dest, "network changed: a new carrier");
+                }
+            }
+        };
+        opened.map_err(|err| {
             tracing::debug!(host = %self.carrier.dest, %err, "the carrier failed");
             GoneSignal::raise(&self.gone, &err);
             err.into()
@@ -679,6 +703,47 @@ pub fn inside_carrier() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A carrier being started when the network changes (here an "ssh" that announces each
+    /// start on a FIFO and then hangs, as a login into a dead path does) is abandoned and a
+    /// new one started at once, not after ssh's connect timeout.
+    #[tokio::test]
+    async fn a_network_change_while_a_carrier_starts_starts_a_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("started");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        // Opened for reading and writing, so it never reports end-of-file between carriers.
+        let started = tokio::net::unix::pipe::OpenOptions::new()
+            .read_write(true)
+            .open_receiver(&fifo)
+            .unwrap();
+        let mut started = BufReader::new(started).lines();
+        let script = format!("echo started > '{}'; exec sleep 1000", fifo.display());
+        let ssh = SshCommand::parse(&format!("sh -c \"{script}\" carrier")).unwrap();
+        let (network_tx, network) = watch::channel(0u64);
+        let connector =
+            SshConnector::new(SshCarrier::new(ssh, "host", None), 22).with_network_changes(network);
+        let carriers = connector.carriers();
+        let attempt = tokio::spawn(async move { connector.connect().await.map(drop) });
+        assert_eq!(
+            started.next_line().await.unwrap().as_deref(),
+            Some("started")
+        );
+        network_tx.send_modify(|n| *n += 1);
+        // (Without the change this carrier would hang on: no second start would come.)
+        let second = tokio::time::timeout(Duration::from_secs(20), started.next_line()).await;
+        assert!(
+            matches!(second, Ok(Ok(Some(ref line))) if line == "started"),
+            "no new carrier: {second:?}"
+        );
+        // The abandoned carrier was counted out (and killed): one runs.
+        assert_eq!(carriers.running(), 1);
+        attempt.abort();
+    }
 
     #[test]
     fn ssh_commands_split_like_a_shell() {
