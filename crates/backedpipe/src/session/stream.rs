@@ -291,13 +291,17 @@ impl Session {
 
     /// Checks the current transport at once, for when there is reason to doubt it (the
     /// machine's network changed: an address came or went, Wi-Fi was switched, the lid
-    /// opened). A PING goes out now, and unless anything arrives from the peer within
-    /// `within` the transport is declared dead and a client resumes at once, rather than
-    /// after the liveness bound ([`SessionConfig::dead_after`](crate::session::SessionConfig),
-    /// 11 s by default). A transport whose address went
-    /// away drops packets without a word, so this is how a roaming client resumes in about
-    /// `within` instead. Without a transport, a client dials at once, as
-    /// [`resume_now`](Self::resume_now). A healthy transport answers and is kept.
+    /// opened). A PING goes out now, and once the transport has taken it the transport is
+    /// declared dead unless anything arrives from the peer within `within`; a client then
+    /// resumes at once, rather than after the liveness bound
+    /// ([`SessionConfig::dead_after`](crate::session::SessionConfig), 11 s by default). A
+    /// transport whose address went away drops packets without a word, so this is how a
+    /// roaming client resumes in about `within` instead. A healthy transport answers and is
+    /// kept; so is one while this side's application leaves the receive limit full. A peer
+    /// whose application stopped reading answers only with its heartbeat, so a `within`
+    /// shorter than the heartbeat interval may replace a working transport (one resume,
+    /// nothing lost). Without a transport, a client dials at once, as
+    /// [`resume_now`](Self::resume_now). See [`Connection::probe_path`].
     ///
     /// ```
     /// # async fn example(session: backedpipe::Session) {
@@ -306,8 +310,9 @@ impl Session {
     /// # }
     /// ```
     pub fn probe_path(&self, within: Duration) {
-        self.shared().with(|st, now| {
-            if !st.conn.probe_path(now, within) && !st.conn.has_path() {
+        self.shared().with(|st, _| {
+            if !st.conn.probe_path(within) && !st.conn.has_path() && st.conn.side() == Side::Client
+            {
                 st.dial_now = true;
             }
         });

@@ -51,7 +51,8 @@ async fn probe_on_changes(
     changes: &mut watch::Receiver<u64>,
     within: Duration,
 ) -> Infallible {
-    changes.borrow_and_update();
+    // (Not `borrow_and_update` first: a change between the receiver's creation and this
+    // first poll must still count.)
     while changes.changed().await.is_ok() {
         tracing::debug!("the network changed: checking the session's transport");
         session.probe_path(within);

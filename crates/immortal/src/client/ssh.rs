@@ -480,17 +480,39 @@ impl SshConnector {
 }
 
 impl Connector for SshConnector {
-    /// Opens a carrier ([`open`](SshConnector::open)); when the machine gains a network
-    /// address meanwhile, the carrier being started (an ssh login on the old path, which may
-    /// hang until its `ConnectTimeout`) is abandoned and a new one started at once.
+    /// Opens a carrier ([`open`](SshConnector::open)). When the machine gains a network
+    /// address while a resume's carrier has been starting for a while (an ssh login on the
+    /// old path, which may hang until its `ConnectTimeout`), that carrier is abandoned and a
+    /// new one started at once. The first carrier, which asks the agent for a new stream, is
+    /// never abandoned: the agent may have created the stream already.
     async fn connect(&self) -> io::Result<BoxIo> {
         let mut network = self.network.clone();
         network.borrow_and_update();
-        let opened = loop {
-            tokio::select! {
-                opened = self.open() => break opened,
-                Ok(()) = network.changed() => {
-                    tracing::debug!(host = %self.carrier.dest, "network changed: a new carrier");
+        let opened = if self.stream_id().is_none() {
+            self.open().await
+        } else {
+            loop {
+                let started = tokio::time::Instant::now();
+                let open = self.open();
+                tokio::pin!(open);
+                let restart = loop {
+                    tokio::select! {
+                        opened = &mut open => break Err(opened),
+                        Ok(()) = network.changed() => {
+                            // Several addresses come up as a network is joined: a carrier
+                            // started moments ago already runs on the new one.
+                            if started.elapsed() >= FRESH_CARRIER {
+                                break Ok(());
+                            }
+                        }
+                        else => break Err(open.as_mut().await),
+                    }
+                };
+                match restart {
+                    Ok(()) => {
+                        tracing::debug!(host = %self.carrier.dest, "network changed: a new carrier");
+                    }
+                    Err(opened) => break opened,
                 }
             }
         };
@@ -595,6 +617,10 @@ impl Drop for CarrierGuard {
         self.0.send_modify(|n| *n = n.saturating_sub(1));
     }
 }
+
+/// A carrier started less than this long before a network change is kept: it was started on
+/// the new network (joining one brings several address events).
+const FRESH_CARRIER: Duration = Duration::from_secs(1);
 
 /// How long a dropped carrier may take to exit by itself before it is killed.
 pub const CARRIER_LINGER: Duration = Duration::from_secs(3);
@@ -704,13 +730,15 @@ pub fn inside_carrier() -> bool {
 mod tests {
     use super::*;
 
-    /// A carrier being started when the network changes (here an "ssh" that announces each
-    /// start on a FIFO and then hangs, as a login into a dead path does) is abandoned and a
-    /// new one started at once, not after ssh's connect timeout.
+    /// A resume's carrier that has been starting for a while when the network changes (here
+    /// an "ssh" that, after a first carrier that creates the stream, announces each start on
+    /// a FIFO and hangs, as a login into a dead path does) is abandoned and a new one started
+    /// at once, not after ssh's connect timeout.
     #[tokio::test]
     async fn a_network_change_while_a_carrier_starts_starts_a_new_one() {
         let dir = tempfile::tempdir().unwrap();
         let fifo = dir.path().join("started");
+        let first = dir.path().join("first-done");
         let made = std::process::Command::new("mkfifo")
             .arg(&fifo)
             .status()
@@ -722,17 +750,33 @@ mod tests {
             .open_receiver(&fifo)
             .unwrap();
         let mut started = BufReader::new(started).lines();
-        let script = format!("echo started > '{}'; exec sleep 1000", fifo.display());
+        let script = format!(
+            "if [ -e '{first}' ]; then echo started > '{fifo}'; else touch '{first}'; \
+             echo 'ok 0123456789abcdef0123456789abcdef'; fi; exec sleep 1000",
+            first = first.display(),
+            fifo = fifo.display()
+        );
         let ssh = SshCommand::parse(&format!("sh -c \"{script}\" carrier")).unwrap();
         let (network_tx, network) = watch::channel(0u64);
-        let connector =
-            SshConnector::new(SshCarrier::new(ssh, "host", None), 22).with_network_changes(network);
+        let connector = Arc::new(
+            SshConnector::new(SshCarrier::new(ssh, "host", None), 22).with_network_changes(network),
+        );
         let carriers = connector.carriers();
-        let attempt = tokio::spawn(async move { connector.connect().await.map(drop) });
+        // The first carrier creates the stream.
+        // (Kept until the end: a dropped carrier lingers, and would leave the count later.)
+        let _live = connector.connect().await.unwrap();
+        assert!(connector.stream_id().is_some());
+        let resuming = Arc::clone(&connector);
+        let attempt = tokio::spawn(async move { resuming.connect().await.map(drop) });
         assert_eq!(
             started.next_line().await.unwrap().as_deref(),
             Some("started")
         );
+        // The carrier is past its first second (on the runtime's clock) when the change comes.
+        tokio::time::pause();
+        tokio::time::advance(FRESH_CARRIER).await;
+        tokio::time::resume();
+        let running = carriers.running();
         network_tx.send_modify(|n| *n += 1);
         // (Without the change this carrier would hang on: no second start would come.)
         let second = tokio::time::timeout(Duration::from_secs(20), started.next_line()).await;
@@ -740,8 +784,8 @@ mod tests {
             matches!(second, Ok(Ok(Some(ref line))) if line == "started"),
             "no new carrier: {second:?}"
         );
-        // The abandoned carrier was counted out (and killed): one runs.
-        assert_eq!(carriers.running(), 1);
+        // The abandoned carrier was counted out when the new one was counted in.
+        assert_eq!(carriers.running(), running);
         attempt.abort();
     }
 

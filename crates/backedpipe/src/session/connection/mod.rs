@@ -124,6 +124,9 @@ struct Path {
     /// The peer's latest PING, to answer. Only the latest: a flood of PINGs costs nothing.
     pong_due: Option<u64>,
     ping_due: bool,
+    /// A probe asked for ([`Connection::probe_path`]): the bound within which the peer must be
+    /// heard from, counted once the PING is in the transport's hands.
+    probe: Option<Duration>,
 }
 
 impl Path {
@@ -137,6 +140,7 @@ impl Path {
             fin_sent: false,
             pong_due: None,
             ping_due: false,
+            probe: None,
         }
     }
 
@@ -408,22 +412,29 @@ impl Connection {
     }
 
     /// Checks the current path now, when there is reason to doubt it (the machine's network
-    /// changed): a PING goes out with the next transmit, and the path is declared dead unless
-    /// something arrives from the peer within `within`, instead of only after the liveness
-    /// bound. Returns whether a path is being checked (`false` without a path, or while
-    /// closing, when nothing watches the peer's silence).
+    /// changed): a PING goes out with the next transmit, and once it is in the transport's
+    /// hands the path is declared dead unless something arrives from the peer within
+    /// `within`, instead of only after the liveness bound. Returns whether a path is being
+    /// checked (`false` without a path, or while closing, when nothing watches the peer's
+    /// silence).
     ///
     /// A path bound to an address that went away loses its packets without a word, so
     /// without this the session would wait out the whole liveness bound before resuming.
-    pub fn probe_path(&mut self, now: Instant, within: Duration) -> bool {
+    /// Two cases keep the liveness bound: a PING that cannot leave (the transport takes
+    /// nothing) starts no probe, and while this side's application leaves the receive limit
+    /// full the peer's silence proves nothing (as for the liveness bound itself). A peer
+    /// whose own application stopped reading, so that it reads no frames either, answers
+    /// only with its heartbeat: a `within` shorter than the heartbeat interval then replaces
+    /// a working path (one resume, nothing lost).
+    pub fn probe_path(&mut self, within: Duration) -> bool {
         let Some(path) = self.path.as_mut() else {
             return false;
         };
-        let Some(deadline) = self.timers.get(Timer::Idle) else {
+        if self.timers.get(Timer::Idle).is_none() {
             return false;
-        };
+        }
         path.ping_due = true;
-        self.timers.set(Timer::Idle, deadline.min(now + within));
+        path.probe = Some(path.probe.map_or(within, |p| p.min(within)));
         true
     }
 
@@ -902,6 +913,12 @@ impl Connection {
         if std::mem::take(&mut path.ping_due) {
             Frame::ping(self.next_ping).encode(&mut path.out);
             self.next_ping = self.next_ping.wrapping_add(1);
+            // Prepared at a frame boundary: the transport took everything before it.
+            if let (Some(within), Some(deadline)) =
+                (path.probe.take(), self.timers.get(Timer::Idle))
+            {
+                self.timers.set(Timer::Idle, deadline.min(now + within));
+            }
         }
         if let Some(close) = self.close_frame.take() {
             // Nothing follows a CLOSE; unsent data stays unsent.
