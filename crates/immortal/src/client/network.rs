@@ -102,6 +102,12 @@ mod tests {
     /// long before the session's 11 s liveness bound would notice.
     #[tokio::test]
     async fn a_network_change_replaces_a_silently_dead_transport_at_once() {
+        tokio::time::timeout(Duration::from_secs(60), replaces_a_silently_dead_transport())
+            .await
+            .expect("the test hung");
+    }
+
+    async fn replaces_a_silently_dead_transport() {
         let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let server_addr = tcp.local_addr().unwrap();
         let server = SessionServer::new(SessionOptions::default());
