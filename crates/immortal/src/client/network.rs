@@ -102,9 +102,12 @@ mod tests {
     /// long before the session's 11 s liveness bound would notice.
     #[tokio::test]
     async fn a_network_change_replaces_a_silently_dead_transport_at_once() {
-        tokio::time::timeout(Duration::from_secs(60), replaces_a_silently_dead_transport())
-            .await
-            .expect("the test hung");
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            replaces_a_silently_dead_transport(),
+        )
+        .await
+        .expect("the test hung");
     }
 
     async fn replaces_a_silently_dead_transport() {
