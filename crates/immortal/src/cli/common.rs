@@ -390,6 +390,24 @@ pub(crate) async fn write_all(session: &Session, mut buf: &[u8]) -> backedpipe::
 /// The longest a reconnecting session stays silent on stderr.
 pub const STATUS_EVERY: Duration = Duration::from_secs(5);
 
+/// One report of [`report_status`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Status {
+    /// The connection is lost ("connection lost, silent for 12 s, reconnecting (attempt 3)").
+    Lost(String),
+    /// It is back ("reconnected after 12 s").
+    Back(String),
+}
+
+impl Status {
+    /// What the report says.
+    pub(crate) fn text(&self) -> &str {
+        match self {
+            Status::Lost(text) | Status::Back(text) => text,
+        }
+    }
+}
+
 /// Reports a session's connection losses and recoveries through `say`, until the session
 /// ends: a line when the connection is lost, then one every [`STATUS_EVERY`] while it stays
 /// lost ("connection lost, silent for 12 s, reconnecting (attempt 3)"), each followed by
@@ -398,7 +416,7 @@ pub const STATUS_EVERY: Duration = Duration::from_secs(5);
 pub(crate) async fn report_status(
     mut status: watch::Receiver<PipeState>,
     hint: &str,
-    say: impl Fn(String),
+    say: impl Fn(Status),
 ) {
     let mut offline: Option<Offline> = None;
     loop {
@@ -412,13 +430,16 @@ pub(crate) async fn report_status(
                 match state {
                     PipeState::Connected => {
                         if let Some(o) = offline.take() {
-                            say(format!("reconnected after {}", seconds(o.since.elapsed())));
+                            say(Status::Back(format!(
+                                "reconnected after {}",
+                                seconds(o.since.elapsed())
+                            )));
                         }
                     }
                     PipeState::Disconnected | PipeState::Reconnecting => {
                         let now = Instant::now();
                         let o = offline.get_or_insert_with(|| {
-                            say(format!("connection lost, reconnecting{hint}"));
+                            say(Status::Lost(format!("connection lost, reconnecting{hint}")));
                             Offline { since: now, last_line: now, attempts: 0 }
                         });
                         if matches!(state, PipeState::Reconnecting) {
@@ -432,11 +453,11 @@ pub(crate) async fn report_status(
             () = sleep_until(next_line) => {
                 if let Some(o) = offline.as_mut() {
                     o.last_line = Instant::now();
-                    say(format!(
+                    say(Status::Lost(format!(
                         "connection lost, silent for {}, reconnecting (attempt {}){hint}",
                         seconds(o.since.elapsed()),
                         o.attempts.max(1),
-                    ));
+                    )));
                 }
             }
         }
@@ -586,8 +607,8 @@ mod tests {
         let (tx, rx) = watch::channel(PipeState::Connected);
         let lines = Arc::new(Mutex::new(Vec::new()));
         let sink = lines.clone();
-        let reporter = tokio::spawn(report_status(rx, "; Ctrl-C quits", move |line| {
-            sink.lock().unwrap().push(line);
+        let reporter = tokio::spawn(report_status(rx, "; Ctrl-C quits", move |status| {
+            sink.lock().unwrap().push(status);
         }));
         let step = |state: PipeState| {
             tx.send_replace(state);
@@ -609,7 +630,8 @@ mod tests {
         tokio::task::yield_now().await;
         step(PipeState::Closed);
         reporter.await.unwrap();
-        let lines = lines.lock().unwrap().clone();
+        let statuses = lines.lock().unwrap().clone();
+        let lines: Vec<&str> = statuses.iter().map(Status::text).collect();
         assert_eq!(
             lines,
             [
@@ -619,5 +641,7 @@ mod tests {
                 "reconnected after 12 s",
             ]
         );
+        assert!(statuses[..3].iter().all(|s| matches!(s, Status::Lost(_))));
+        assert!(matches!(statuses[3], Status::Back(_)));
     }
 }

@@ -4,19 +4,20 @@
 //! stdin is read on a thread of its own, so that the process can exit when the remote service
 //! closes even while nothing ever arrives on stdin (a blocking read cannot be cancelled).
 
-use std::io::{self, IsTerminal, Read};
+use std::io::{self, Read};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use backedpipe::Session;
+use backedpipe::{PipeState, Session};
 use clap::Args;
 use tokio::io::{AsyncRead, ReadBuf};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use super::common::{
     carry, report_status, session_error, termination, ClientArgs, SessionArgs, Until,
 };
+use super::status_line::StatusOut;
 use super::CliError;
 use crate::client::{
     inside_carrier, network_changes, probe_on_network_changes, ApiClient, SshCarrier, SshCommand,
@@ -106,8 +107,7 @@ pub async fn run(args: ConnectArgs) -> Result<(), CliError> {
             return Err(err);
         }
     };
-    let reporter =
-        (!args.quiet).then(|| tokio::spawn(report_status(session.status(), QUIT_HINT, say)));
+    let reporter = (!args.quiet).then(|| tokio::spawn(report_status_on_stderr(session.status())));
     let carried = tokio::select! {
         result = carry(&session, &mut gone, stdin, tokio::io::stdout(), Until::RemoteEnds) => result,
         signal = termination() => Err(CliError::Stopped(signal)),
@@ -115,6 +115,9 @@ pub async fn run(args: ConnectArgs) -> Result<(), CliError> {
     };
     if let Some(reporter) = reporter {
         reporter.abort();
+        // Once it is gone, a status line it left is ended (see `StatusOut`), before anything
+        // else is printed.
+        let _ = reporter.await;
     }
     // Tell the agent this side is done (CLOSE); it forgets the stream once both sides are.
     // After a clean end, first let it acknowledge what we sent; after a failure (the stream
@@ -175,8 +178,7 @@ async fn run_via_ssh(args: ConnectArgs, dest: String) -> Result<(), CliError> {
             .map(CliError::from)
             .unwrap_or_else(|| session_error(&err))
     })?;
-    let reporter =
-        (!args.quiet).then(|| tokio::spawn(report_status(session.status(), QUIT_HINT, say)));
+    let reporter = (!args.quiet).then(|| tokio::spawn(report_status_on_stderr(session.status())));
     let carried = tokio::select! {
         result = carry(&session, &mut gone, stdin, tokio::io::stdout(), Until::RemoteEnds) => result,
         signal = termination() => Err(CliError::Stopped(signal)),
@@ -184,6 +186,9 @@ async fn run_via_ssh(args: ConnectArgs, dest: String) -> Result<(), CliError> {
     };
     if let Some(reporter) = reporter {
         reporter.abort();
+        // Once it is gone, a status line it left is ended (see `StatusOut`), before anything
+        // else is printed.
+        let _ = reporter.await;
     }
     // As `run`: after a clean end, let the agent acknowledge first; after a failure or a
     // signal (ssh hangs up its ProxyCommand once it is done), close at once.
@@ -206,15 +211,10 @@ async fn run_via_ssh(args: ConnectArgs, dest: String) -> Result<(), CliError> {
 /// command as its ProxyCommand), or Ctrl-C for anything else.
 const QUIT_HINT: &str = "; to quit, type Enter ~ . (ssh) or Ctrl-C";
 
-/// Prints a status line on stderr. When stderr is a terminal it may be one that ssh has put in
-/// raw mode, where a bare newline would leave the next line starting where this one ended.
-fn say(line: String) {
-    let end = if io::stderr().is_terminal() {
-        "\r\n"
-    } else {
-        "\n"
-    };
-    eprint!("immortal: {line}{end}");
+/// Reports the session's status on stderr (see [`StatusOut`]) until the session ends.
+async fn report_status_on_stderr(status: watch::Receiver<PipeState>) {
+    let out = StatusOut::stderr();
+    report_status(status, QUIT_HINT, move |status| out.show(status)).await;
 }
 
 /// Deletes the stream if the agent can be asked within [`CLEANUP_TIMEOUT`]; a failure is only

@@ -195,8 +195,8 @@ impl Forwarding {
                 .unwrap_or_else(|| session_error(&err))
         })?;
         let number = self.number;
-        let reporter = tokio::spawn(report_status(session.status(), "", move |line| {
-            tracing::info!(connection = number, "{line}");
+        let reporter = tokio::spawn(report_status(session.status(), "", move |status| {
+            tracing::info!(connection = number, "{}", status.text());
         }));
         let (input, output) = tcp.into_split();
         let carried = tokio::select! {

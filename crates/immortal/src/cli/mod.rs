@@ -13,6 +13,7 @@ pub mod relay;
 pub mod rm;
 pub mod serve;
 pub mod ssh;
+mod status_line;
 
 pub use self::error::CliError;
 
