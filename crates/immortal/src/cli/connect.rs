@@ -31,8 +31,9 @@ use crate::client::{
 /// reached over ssh instead: each connection is a fresh `ssh DEST immortal relay` (no token,
 /// no open port; see `immortal ssh`), and TARGET_PORT is normally ssh's %p. Exits 0 when the remote service
 /// closes the connection; end of stdin is passed on to the service as a half-close. Status goes
-/// to stderr ("connection lost, reconnecting (attempt 3, offline 12 s)", "reconnected after
-/// 12 s"). Exit codes: 3 the agent refused the token, 4 the stream is unknown or expired, 5
+/// to stderr ("connection lost, silent for 12 s, reconnecting (attempt 3)"): on a terminal one
+/// line, rewritten in place and erased once the link is back; elsewhere a line per report,
+/// ending with "reconnected after 12 s". Exit codes: 3 the agent refused the token, 4 the stream is unknown or expired, 5
 /// nothing listens on TARGET_PORT, 6 the agent is full, 7 the agent cannot be reached.
 ///
 /// Examples: ssh -o ProxyCommand='immortal connect --stdio --server %h:7400 %p' myhost
