@@ -479,43 +479,47 @@ impl SshConnector {
     }
 }
 
-impl Connector for SshConnector {
-    /// Opens a carrier ([`open`](SshConnector::open)). When the machine gains a network
-    /// address while a resume's carrier has been starting for a while (an ssh login on the
-    /// old path, which may hang until its `ConnectTimeout`), that carrier is abandoned and a
-    /// new one started at once. The first carrier, which asks the agent for a new stream, is
-    /// never abandoned: the agent may have created the stream already.
-    async fn connect(&self) -> io::Result<BoxIo> {
+impl SshConnector {
+    /// [`open`](Self::open), started afresh when the machine gains a network address while a
+    /// resume's carrier has been starting for [`FRESH_CARRIER`] or more (an ssh login on the
+    /// old path, which may hang until its `ConnectTimeout`).
+    async fn open_or_restart(&self) -> Result<BoxIo, ClientError> {
         let mut network = self.network.clone();
         network.borrow_and_update();
-        let opened = if self.stream_id().is_none() {
-            self.open().await
-        } else {
+        if self.stream_id().is_none() {
+            // The first carrier asks for a new stream, which the agent may have made already.
+            return self.open().await;
+        }
+        loop {
+            let started = tokio::time::Instant::now();
+            let open = self.open();
+            tokio::pin!(open);
             loop {
-                let started = tokio::time::Instant::now();
-                let open = self.open();
-                tokio::pin!(open);
-                let restart = loop {
-                    tokio::select! {
-                        opened = &mut open => break Err(opened),
-                        Ok(()) = network.changed() => {
-                            // Several addresses come up as a network is joined: a carrier
-                            // started moments ago already runs on the new one.
-                            if started.elapsed() >= FRESH_CARRIER {
-                                break Ok(());
-                            }
+                tokio::select! {
+                    opened = &mut open => return opened,
+                    Ok(()) = network.changed() => {
+                        // Several addresses come up as a network is joined: a carrier
+                        // started moments ago already runs on the new one.
+                        if started.elapsed() >= FRESH_CARRIER {
+                            break;
                         }
-                        else => break Err(open.as_mut().await),
                     }
-                };
-                match restart {
-                    Ok(()) => {
-                        tracing::debug!(host = %self.carrier.dest, "network changed: a new carrier");
-                    }
-                    Err(opened) => break opened,
+                    else => return open.await,
                 }
             }
-        };
+            tracing::debug!(host = %self.carrier.dest, "network changed: a new carrier");
+        }
+    }
+}
+
+impl Connector for SshConnector {
+    /// Opens a carrier ([`open`](SshConnector::open)). When the machine gains a network
+    /// address while a resume's carrier has been starting for a second or more (an ssh login
+    /// on the old path, which may hang until its `ConnectTimeout`), that carrier is abandoned
+    /// and a new one started at once. The first carrier, which asks the agent for a new
+    /// stream, is never abandoned: the agent may have created the stream already.
+    async fn connect(&self) -> io::Result<BoxIo> {
+        let opened = self.open_or_restart().await;
         opened.map_err(|err| {
             tracing::debug!(host = %self.carrier.dest, %err, "the carrier failed");
             GoneSignal::raise(&self.gone, &err);
