@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::Args;
 
 use super::common::parse_heartbeat;
+use super::serve::parse_size;
 use super::CliError;
 use crate::runtime_dir::RuntimeDir;
 use crate::server::{SocketAgent, SocketAgentConfig, SocketAgentError};
@@ -36,6 +37,10 @@ pub struct AgentArgs {
     /// dropped and waits for its client to resume.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_heartbeat)]
     pub heartbeat: Duration,
+    /// The most each stream holds of what its service sent and its client has not yet
+    /// acknowledged (e.g. 4MiB; 64KiB to 1GiB).
+    #[arg(long, value_name = "SIZE", default_value = "64MiB", value_parser = parse_size)]
+    pub stream_buffer: usize,
 }
 
 /// The exit status of an agent that found another one running.
@@ -49,6 +54,7 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
         ttl: args.ttl,
         heartbeat: args.heartbeat,
         idle_exit: args.idle_exit,
+        stream_buffer: args.stream_buffer,
         ..SocketAgentConfig::default()
     };
     let agent = match SocketAgent::bind(&dir, config) {

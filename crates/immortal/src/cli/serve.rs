@@ -10,7 +10,7 @@ use clap::Args;
 
 use super::common::{parse_bounded_duration, parse_heartbeat};
 use super::CliError;
-use crate::server::{Agent, AgentConfig, DEFAULT_MAX_STREAMS};
+use crate::server::{check_stream_buffer, Agent, AgentConfig, DEFAULT_MAX_STREAMS};
 use crate::token::Token;
 
 /// Run the agent: expose this host's local TCP services as immortal streams.
@@ -48,6 +48,11 @@ pub struct ServeArgs {
     /// probes and a second is dropped and waits for its client to resume.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_heartbeat)]
     pub heartbeat: Duration,
+    /// The most each stream holds of what its service sent and its client has not yet
+    /// acknowledged (e.g. 4MiB, 512KiB; 64KiB to 1GiB). A client further behind waits, and the
+    /// service is not read meanwhile; with the round trip it also caps a stream's speed.
+    #[arg(long, value_name = "SIZE", default_value = "64MiB", value_parser = parse_size)]
+    pub stream_buffer: usize,
     /// How long a client may take over each step of connecting: TLS, its whole HTTP request,
     /// the session handshake.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_bounded_duration)]
@@ -95,6 +100,7 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
         .unwrap_or(args.max_streams.saturating_add(1000));
     config.ttl = args.ttl;
     config.heartbeat = args.heartbeat;
+    config.stream_buffer = args.stream_buffer;
     config.handshake_timeout = args.handshake_timeout;
     config.tls = tls;
     fit_open_files(&mut config);
@@ -130,6 +136,31 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
 }
 
 /// Parses a count of at least one.
+/// Parses a size in bytes: a number with an optional binary unit (`KiB`, `MiB`, `GiB`, or
+/// `K`, `M`, `G`), within [`STREAM_BUFFER_BOUNDS`].
+pub(crate) fn parse_size(text: &str) -> Result<usize, String> {
+    let text = text.trim();
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(digits);
+    let number: usize = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size (e.g. 4MiB)"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kib" => 10,
+        "m" | "mib" => 20,
+        "g" | "gib" => 30,
+        other => return Err(format!("unknown unit {other:?} (use KiB, MiB or GiB)")),
+    };
+    let bytes = number
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("{text} is too large"))?;
+    check_stream_buffer(bytes).map_err(|err| err.to_string())?;
+    Ok(bytes)
+}
+
 fn parse_count(text: &str) -> Result<usize, String> {
     match text.parse::<usize>() {
         Ok(0) => Err("must be at least 1".into()),
@@ -252,5 +283,22 @@ fn stop_signal() -> io::Result<impl std::future::Future<Output = ()>> {
                 std::future::pending::<()>().await;
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_binary_units_within_the_bounds() {
+        assert_eq!(parse_size("4MiB"), Ok(4 << 20));
+        assert_eq!(parse_size("512KiB"), Ok(512 << 10));
+        assert_eq!(parse_size("64k"), Ok(64 << 10));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("65536"), Ok(65536));
+        for bad in ["63KiB", "2GiB", "4MB", "MiB", "-1", "99999999999999999999G"] {
+            assert!(parse_size(bad).is_err(), "{bad} was accepted");
+        }
     }
 }

@@ -34,7 +34,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backedpipe::session::SessionConfig;
-use backedpipe::{BoxIo, SessionOptions, TlsAcceptor};
+use backedpipe::{BoxIo, PipeConfig, SessionOptions, TlsAcceptor};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
@@ -63,6 +63,7 @@ pub const STOP_GRACE: Duration = Duration::from_secs(2);
 /// | [`ttl`](Self::ttl) | 24 h | a laptop asleep overnight still finds its stream in the morning |
 /// | [`handshake_timeout`](Self::handshake_timeout) | 10 s | a client that connects and says nothing (TLS, the whole HTTP request, session hello) cannot hold a task for long |
 /// | [`heartbeat`](Self::heartbeat) | 5 s | an idle path is probed this often; one silent for 2 × heartbeat + 1 s is declared dead |
+/// | [`stream_buffer`](Self::stream_buffer) | 64 MiB | the most each stream holds of what the service sent that its client has not acknowledged; a client further behind than this waits at the agent (the service is not read meanwhile) |
 /// | [`tls`](Self::tls) | none | plain HTTP; fine on loopback, not beyond it |
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -86,6 +87,11 @@ pub struct AgentConfig {
     pub handshake_timeout: Duration,
     /// How often an idle session path is probed.
     pub heartbeat: Duration,
+    /// Each stream's replay buffer in bytes, within [`STREAM_BUFFER_BOUNDS`]: what the service
+    /// sent and the client has not acknowledged. The agent stops reading the service when it
+    /// is full, so it bounds a stream's memory whatever its client does, and with the round
+    /// trip it bounds a stream's speed (at most this much in flight).
+    pub stream_buffer: usize,
     /// Serve HTTPS with this acceptor; plain HTTP when `None`.
     pub tls: Option<TlsAcceptor>,
 }
@@ -101,6 +107,7 @@ impl AgentConfig {
             ttl: Duration::from_secs(24 * 60 * 60),
             handshake_timeout: Duration::from_secs(10),
             heartbeat: Duration::from_secs(5),
+            stream_buffer: backedpipe::DEFAULT_BUFFER_SIZE,
             tls: None,
         }
     }
@@ -120,6 +127,7 @@ impl AgentConfig {
         if self.max_streams == 0 || self.max_connections == 0 {
             return Err(ConfigError::ZeroLimit);
         }
+        check_stream_buffer(self.stream_buffer)?;
         Ok(())
     }
 
@@ -132,8 +140,26 @@ impl AgentConfig {
         };
         SessionOptions::default()
             .timing(timing)
+            .pipe(PipeConfig::default().buffer_capacity(self.stream_buffer))
             .ttl(self.ttl)
             .handshake_timeout(self.handshake_timeout)
+    }
+}
+
+/// The smallest and largest [`AgentConfig::stream_buffer`]: below 64 KiB a stream could not
+/// keep one frame in flight; above 1 GiB one stream could hold more than a small host has.
+pub const STREAM_BUFFER_BOUNDS: (usize, usize) = (64 * 1024, 1 << 30);
+
+/// Checks a stream buffer size against [`STREAM_BUFFER_BOUNDS`].
+///
+/// # Errors
+/// [`ConfigError::StreamBuffer`] outside them.
+pub fn check_stream_buffer(bytes: usize) -> Result<(), ConfigError> {
+    let (min, max) = STREAM_BUFFER_BOUNDS;
+    if (min..=max).contains(&bytes) {
+        Ok(())
+    } else {
+        Err(ConfigError::StreamBuffer(bytes))
     }
 }
 
@@ -185,6 +211,9 @@ pub enum ConfigError {
     /// `max_streams` or `max_connections` is zero.
     #[error("the agent needs room for at least one stream and one connection")]
     ZeroLimit,
+    /// A stream buffer outside [`STREAM_BUFFER_BOUNDS`].
+    #[error("a stream buffer of {0} bytes is out of range: it must be between 64 KiB and 1 GiB")]
+    StreamBuffer(usize),
 }
 
 /// A bound agent. [`run`](Self::run) serves until the future is dropped; dropping it also
@@ -513,4 +542,23 @@ fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stream_buffer_is_each_sessions_replay_capacity_and_bounded() {
+        let mut config = AgentConfig::new("127.0.0.1:0".parse().unwrap(), Token::generate());
+        assert_eq!(config.stream_buffer, backedpipe::DEFAULT_BUFFER_SIZE);
+        config.stream_buffer = 4 << 20;
+        assert_eq!(config.validate(), Ok(()));
+        let options = format!("{:?}", config.session_options());
+        assert!(options.contains("buffer_capacity: 4194304"), "{options}");
+        for bad in [0, 64 * 1024 - 1, (1 << 30) + 1] {
+            config.stream_buffer = bad;
+            assert_eq!(config.validate(), Err(ConfigError::StreamBuffer(bad)));
+        }
+    }
 }

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backedpipe::session::SessionConfig;
-use backedpipe::{BoxIo, SessionOptions};
+use backedpipe::{BoxIo, PipeConfig, SessionOptions};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
@@ -50,6 +50,9 @@ pub struct SocketAgentConfig {
     pub heartbeat: Duration,
     /// Exit after holding no stream (and serving no request) for this long.
     pub idle_exit: Option<Duration>,
+    /// Each stream's replay buffer in bytes, as
+    /// [`AgentConfig::stream_buffer`](super::AgentConfig::stream_buffer).
+    pub stream_buffer: usize,
 }
 
 impl Default for SocketAgentConfig {
@@ -60,6 +63,7 @@ impl Default for SocketAgentConfig {
             handshake_timeout: Duration::from_secs(10),
             heartbeat: Duration::from_secs(5),
             idle_exit: None,
+            stream_buffer: backedpipe::DEFAULT_BUFFER_SIZE,
         }
     }
 }
@@ -73,6 +77,7 @@ impl SocketAgentConfig {
         };
         SessionOptions::default()
             .timing(timing)
+            .pipe(PipeConfig::default().buffer_capacity(self.stream_buffer))
             .ttl(self.ttl)
             .handshake_timeout(self.handshake_timeout)
     }
