@@ -4,8 +4,10 @@
 
 mod common;
 
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use backedpipe::proto::{CloseCode, Frame, FrameDecoder, Hello, Mac, SessionId, HEADER_LEN};
@@ -15,7 +17,10 @@ use backedpipe::{
     SessionServer,
 };
 use common::{guarded, HOUR};
-use tokio::io::{split, AsyncReadExt, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
+use tokio::io::{
+    split, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf, ReadHalf,
+    WriteHalf,
+};
 use tokio::sync::{mpsc, watch};
 
 /// What the test does to a link.
@@ -1076,6 +1081,111 @@ async fn a_probed_black_hole_is_resumed_within_the_probe_bound() {
         let mut buf = [0u8; 15];
         server.read_exact(&mut buf).await.unwrap();
         assert_eq!(&buf, b"after the probe");
+    })
+    .await;
+}
+
+/// A transport that hands what it receives to a read only from a given instant on, and
+/// wakes nobody at that instant: only a task that polls it then by itself finds the bytes.
+struct LateReads {
+    inner: DuplexStream,
+    /// Until when received bytes are held back (`None`: passed through).
+    until: Arc<Mutex<Option<tokio::time::Instant>>>,
+    held: Vec<u8>,
+}
+
+impl AsyncRead for LateReads {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let until = *this.until.lock().unwrap();
+        if until.is_some_and(|until| tokio::time::Instant::now() < until) {
+            // Take what arrives (so its wake is used up) and keep it back.
+            loop {
+                let mut chunk = [0u8; 4096];
+                let mut chunk = ReadBuf::new(&mut chunk);
+                match Pin::new(&mut this.inner).poll_read(cx, &mut chunk) {
+                    Poll::Ready(Ok(())) if !chunk.filled().is_empty() => {
+                        this.held.extend_from_slice(chunk.filled())
+                    }
+                    Poll::Ready(result) => return Poll::Ready(result),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+        }
+        if !this.held.is_empty() {
+            let n = this.held.len().min(buf.remaining());
+            buf.put_slice(&this.held[..n]);
+            this.held.drain(..n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for LateReads {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// A PONG that is already in the transport when a probe's bound runs out counts: the driver
+/// reads what came before it judges its deadlines, so the answered probe keeps the path.
+#[tokio::test(start_paused = true)]
+async fn a_pong_waiting_in_the_transport_at_the_probe_bound_keeps_the_path() {
+    guarded(async {
+        let server = SessionServer::new(small_options());
+        let until = Arc::new(Mutex::new(None));
+        let (accepted_tx, mut accepted) = mpsc::unbounded_channel();
+        let connector = connector_fn({
+            let until = until.clone();
+            move || {
+                let (ours, theirs) = tokio::io::duplex(64 * 1024);
+                let server = server.clone();
+                let accepted = accepted_tx.clone();
+                tokio::spawn(async move {
+                    if let Ok(Accepted::New(session)) = server.accept(theirs).await {
+                        let _ = accepted.send(session);
+                    }
+                });
+                let io = LateReads {
+                    inner: ours,
+                    until: until.clone(),
+                    held: Vec::new(),
+                };
+                async move { Ok::<BoxIo, std::io::Error>(Box::new(io)) }
+            }
+        });
+        let client = Session::connect(connector, small_options()).await.unwrap();
+        let _server_side = accepted.recv().await.unwrap();
+        let generation = client.generation();
+        let within = Duration::from_secs(2);
+        // The server answers the probe's PING at once; the client's transport hands the
+        // PONG to a read exactly at the probe's bound, when only the driver's deadline wakes it.
+        *until.lock().unwrap() = Some(tokio::time::Instant::now() + within);
+        client.probe_path(within);
+        tokio::time::sleep(within * 2).await;
+        assert_eq!(
+            client.generation(),
+            generation,
+            "a probe answered by its bound cost the path"
+        );
+        assert!(matches!(*client.status().borrow(), PipeState::Connected));
     })
     .await;
 }

@@ -106,7 +106,6 @@ impl Driver {
             let (progress, deadline, ended) = {
                 let mut st = self.shared.lock();
                 let now = now();
-                st.conn.handle_timeout(now);
                 // The application's reader was woken for these bytes and takes payloads
                 // without a copy: let it go first, and read after it if it did not.
                 let read = !reader_notified || self.yielded;

@@ -394,19 +394,25 @@ impl Shared {
         Poll::Pending
     }
 
-    /// The driver's turn on the transport: writes what is due and reads what came, unless the
-    /// application's reader was just woken for it (`read` false). Returns whether anything
-    /// happened.
+    /// The driver's turn on the transport: reads what came, fires the timers that are due,
+    /// and writes what is due. When the application's reader was just woken for what came
+    /// (`read` false) it reads first, and the timers wait for the driver's next turn.
+    /// Returns whether anything happened.
+    ///
+    /// Reading before the timers fire means a frame already in the transport when a deadline
+    /// passes (the PONG a probe waits for, at its bound) counts, instead of the path being
+    /// declared dead with the answer unread.
     pub(crate) fn drive_io(&self, st: &mut State, now: Instant, read: bool) -> bool {
-        let mut progress = st.transmit(&self.write_waker, now);
+        let mut progress = false;
         if read {
             let mut cx = Context::from_waker(&self.read_waker);
-            progress |= !matches!(
+            progress = !matches!(
                 st.poll_receive(&mut cx, now, usize::MAX),
                 Poll::Pending | Poll::Ready(Received::Nothing)
             );
+            st.conn.handle_timeout(now);
         }
-        progress
+        progress | st.transmit(&self.write_waker, now)
     }
 }
 
