@@ -135,7 +135,6 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
         .map_err(|err| CliError::Other(format!("the agent stopped: {err}")))
 }
 
-/// Parses a count of at least one.
 /// Parses a size in bytes: a number with an optional binary unit (`KiB`, `MiB`, `GiB`, or
 /// `K`, `M`, `G`), within [`STREAM_BUFFER_BOUNDS`].
 pub(crate) fn parse_size(text: &str) -> Result<usize, String> {
@@ -161,6 +160,7 @@ pub(crate) fn parse_size(text: &str) -> Result<usize, String> {
     Ok(bytes)
 }
 
+/// Parses a count of at least one.
 fn parse_count(text: &str) -> Result<usize, String> {
     match text.parse::<usize>() {
         Ok(0) => Err("must be at least 1".into()),
