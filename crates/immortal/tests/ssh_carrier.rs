@@ -4,6 +4,8 @@
 //! - `immortal ssh` runs a command on the host and exits with its status; the agent that the
 //!   carrier's `immortal relay` started exits by itself once idle.
 //! - A remote host without immortal gets one line saying so and how to fix it.
+//! - `--install` copies the running binary where carriers find it, and refuses (copying or
+//!   installing nothing) a host of another platform or a copy that does not start there.
 //! - An ssh session whose ProxyCommand is `immortal connect --via-ssh`, with every carrier going
 //!   through a [`ChaosProxy`] that resets, black-holes and refuses them, carries 32 MiB each
 //!   way intact and exits 0.
@@ -197,6 +199,93 @@ async fn install_copies_the_binary_and_the_carrier_finds_it_there() {
             String::from_utf8_lossy(&after.stderr)
         );
         wait_for_agent_exit(&runtime).await;
+    };
+    tokio::time::timeout(OVERALL, work)
+        .await
+        .expect("the test did not finish in time");
+}
+
+/// Runs `immortal ssh --install` against an sshd whose sessions find `fake` (a name and a
+/// shell script) first on their PATH, with a home of their own. Returns the output and the
+/// remote home.
+async fn install_with_fake(fake: (&str, &str)) -> (std::process::Output, tempfile::TempDir) {
+    let home = tempfile::tempdir().unwrap();
+    let base = tempfile::tempdir().unwrap();
+    let bin = base.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let script = bin.join(fake.0);
+    std::fs::write(&script, format!("#!/bin/sh\n{}\n", fake.1)).unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let sshd = Sshd::start_with(&format!(
+        "SetEnv HOME={} PATH={}:/usr/local/bin:/usr/bin:/bin IMMORTAL_RUNTIME_DIR={} \
+         IMMORTAL_AGENT_IDLE_EXIT=2s NO_COLOR=1\n",
+        home.path().display(),
+        bin.display(),
+        base.path().join("rt").display()
+    ))
+    .await;
+    let output = Command::new(IMMORTAL)
+        .args(["ssh", "--install", "-p", &sshd.port.to_string()])
+        .arg(format!("{}@127.0.0.1", sshd.user))
+        .arg("true")
+        .env("IMMORTAL_SSH_COMMAND", ssh_command(&sshd, &[]))
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    (output, home)
+}
+
+/// `--install` refuses a host whose `uname -sm` names another platform, and copies nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn install_refuses_a_host_of_another_platform() {
+    let work = async {
+        // Whatever this machine is, the fake remote is something else.
+        let other = if cfg!(target_os = "freebsd") {
+            "Linux aarch64"
+        } else {
+            "FreeBSD amd64"
+        };
+        let (output, home) = install_with_fake(("uname", &format!("echo {other}"))).await;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{stderr}");
+        let line = stderr
+            .lines()
+            .find(|l| l.contains("--install:"))
+            .unwrap_or_else(|| panic!("no refusal:\n{stderr}"));
+        assert!(
+            line.contains("runs freebsd/x86_64") || line.contains("runs linux/aarch64"),
+            "{line}"
+        );
+        assert!(line.contains("nothing was copied"), "{line}");
+        assert!(
+            !home.path().join(".local").exists(),
+            "something was copied to the remote"
+        );
+    };
+    tokio::time::timeout(OVERALL, work)
+        .await
+        .expect("the test did not finish in time");
+}
+
+/// `--install` removes a copy that does not start on the host and installs nothing (here
+/// the host's `chmod` does nothing, so the copy cannot be executed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn install_removes_a_copy_that_does_not_start() {
+    let work = async {
+        let (output, home) = install_with_fake(("chmod", "exit 0")).await;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{stderr}");
+        let line = stderr
+            .lines()
+            .find(|l| l.contains("--install:"))
+            .unwrap_or_else(|| panic!("no refusal:\n{stderr}"));
+        assert!(line.contains("does not start"), "{line}");
+        assert!(line.contains("nothing was installed"), "{line}");
+        let bin = home.path().join(".local/bin");
+        let left: Vec<_> = std::fs::read_dir(&bin).unwrap().collect();
+        assert!(left.is_empty(), "left in {}: {left:?}", bin.display());
     };
     tokio::time::timeout(OVERALL, work)
         .await
