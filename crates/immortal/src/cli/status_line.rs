@@ -1,10 +1,15 @@
 //! Connection status on stderr, as a person at a terminal should see it.
 //!
 //! When stderr is a terminal (`connect` under ssh, which has put that terminal in raw mode),
-//! the status is one line below the session's output, rewritten in place while the link is
-//! down and erased once it is back: a healthy session shows nothing, and an outage leaves no
-//! trace. Lines end with `\r\n`, since in raw mode a bare newline would not return the cursor.
-//! Elsewhere (a log file, a pipe) every report is a line of its own, kept.
+//! the status is shown on the rows below the session's cursor, rewritten in place while the
+//! link is down and erased once it is back, with the cursor put back where the session left
+//! it: a healthy session shows nothing, and an outage leaves no trace but the row or two of a
+//! full-screen program that the status covered (Ctrl-L redraws them). Elsewhere (a log file, a
+//! pipe) every report is a line of its own, kept.
+//!
+//! On a terminal only control sequences move the cursor, never a bare `\n` (its meaning
+//! depends on the terminal's output mode): `ESC D` (index) moves down a row, scrolling at the
+//! bottom, and keeps the column; `ESC 7` and `ESC 8` save and restore the cursor.
 
 use std::io::{self, IsTerminal, Write};
 use std::sync::{Mutex, PoisonError};
@@ -14,40 +19,41 @@ use super::common::Status;
 /// Where [`Status`] reports go: a terminal's status line, or plain lines.
 #[derive(Debug)]
 pub(crate) struct StatusOut {
-    /// The terminal's width in columns, if stderr is a terminal.
-    terminal: Option<usize>,
+    /// Whether stderr is a terminal.
+    terminal: bool,
     line: Mutex<StatusLine>,
 }
 
 impl StatusOut {
     /// For this process's stderr.
     pub(crate) fn stderr() -> StatusOut {
-        let stderr = io::stderr();
-        let terminal = stderr.is_terminal().then(|| {
-            rustix::termios::tcgetwinsize(&stderr)
-                .ok()
-                .map(|size| usize::from(size.ws_col))
-                .filter(|&cols| cols > 0)
-                .unwrap_or(80)
-        });
         StatusOut {
-            terminal,
+            terminal: io::stderr().is_terminal(),
             line: Mutex::new(StatusLine::default()),
         }
     }
 
     /// Shows `status`.
     pub(crate) fn show(&self, status: Status) {
-        let text = match self.terminal {
-            Some(width) => self
-                .line
+        let text = if self.terminal {
+            self.line
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .render(&status, width),
-            None => format!("immortal: {}\n", status.text()),
+                .render(&status, terminal_width())
+        } else {
+            format!("immortal: {}\n", status.text())
         };
         let _ = io::stderr().write_all(text.as_bytes());
     }
+}
+
+/// Stderr's width in columns now (it may have been resized since the last status).
+fn terminal_width() -> usize {
+    rustix::termios::tcgetwinsize(io::stderr())
+        .ok()
+        .map(|size| usize::from(size.ws_col))
+        .filter(|&cols| cols > 0)
+        .unwrap_or(80)
 }
 
 impl Drop for StatusOut {
@@ -61,39 +67,47 @@ impl Drop for StatusOut {
     }
 }
 
-/// The terminal's status line: how many characters of it are on screen, if any.
+/// The terminal's status line: how many rows of it are on screen, if any.
 #[derive(Debug, Default)]
 struct StatusLine {
     shown: Option<usize>,
 }
 
+/// Saves the cursor (`ESC 7`).
+const SAVE: &str = "\x1b7";
+/// Restores the cursor saved by [`SAVE`] (`ESC 8`).
+const RESTORE: &str = "\x1b8";
+
 impl StatusLine {
     /// The bytes that turn what is on screen into `status` on a terminal `width` columns wide.
+    ///
+    /// The first status makes room below the session's cursor (scrolling if it is near the
+    /// bottom), saves the cursor there, and writes itself from the start of the next row. A
+    /// later one erases the rows shown, from the saved cursor, and does the same. Once the link
+    /// is back the rows are erased and the cursor restored.
     fn render(&mut self, status: &Status, width: usize) -> String {
-        let mut out = match self.shown.take() {
-            Some(chars) => erase(chars, width),
-            // Below whatever the session printed last, wherever its cursor was.
-            None if matches!(status, Status::Lost(_)) => "\r\n".to_owned(),
-            None => String::new(),
-        };
+        let mut out = String::new();
+        if let Some(rows) = self.shown.take() {
+            out.push_str(RESTORE);
+            for _ in 0..rows {
+                out.push_str("\x1b[1B\r\x1b[K");
+            }
+            out.push_str(RESTORE);
+        }
         if let Status::Lost(text) = status {
             let line = format!("immortal: {text}");
-            self.shown = Some(line.chars().count());
+            let rows = line.chars().count().div_ceil(width.max(1)).max(1);
+            // Index down as many rows as the line takes (the screen scrolls if it must, the
+            // session's text with it), then back up to the session's cursor, and save it.
+            out.push_str(&"\x1bD".repeat(rows));
+            out.push_str(&format!("\x1b[{rows}A"));
+            out.push_str(SAVE);
+            out.push_str("\x1b[1B\r");
             out.push_str(&line);
+            self.shown = Some(rows);
         }
         out
     }
-}
-
-/// Erases a status line of `chars` characters that the terminal may have wrapped over several
-/// rows, leaving the cursor at the start of its first row.
-fn erase(chars: usize, width: usize) -> String {
-    let rows = chars.div_ceil(width.max(1)).max(1);
-    let mut out = String::from("\r\x1b[K");
-    for _ in 1..rows {
-        out.push_str("\x1b[1A\x1b[K");
-    }
-    out
 }
 
 #[cfg(test)]
@@ -107,40 +121,57 @@ mod tests {
     #[test]
     fn a_status_line_is_rewritten_in_place_and_erased_when_the_link_is_back() {
         let mut line = StatusLine::default();
+        let show = |text: &str| format!("\x1bD\x1b[1A\x1b7\x1b[1B\rimmortal: {text}");
+        let erase = "\x1b8\x1b[1B\r\x1b[K\x1b8";
         assert_eq!(
             line.render(&lost("connection lost"), 80),
-            "\r\nimmortal: connection lost"
+            show("connection lost")
         );
         assert_eq!(
             line.render(&lost("silent for 5 s"), 80),
-            "\r\x1b[Kimmortal: silent for 5 s"
+            format!("{erase}{}", show("silent for 5 s"))
         );
+        // Erased, and the cursor back where the session left it.
         assert_eq!(
             line.render(&Status::Back("reconnected after 6 s".into()), 80),
-            "\r\x1b[K"
+            erase
         );
         // Nothing is left to erase, and a healthy session prints nothing.
         assert_eq!(
             line.render(&Status::Back("reconnected after 1 s".into()), 80),
             ""
         );
+        assert_eq!(line.render(&lost("lost again"), 80), show("lost again"));
+    }
+
+    #[test]
+    fn a_line_wrapped_over_rows_has_room_made_for_it_and_is_erased_row_by_row() {
+        let mut line = StatusLine::default();
+        // "immortal: " and 35 more: 45 characters on a 20-column terminal, three rows.
+        let shown = line.render(&lost(&"x".repeat(35)), 20);
+        assert!(
+            shown.starts_with("\x1bD\x1bD\x1bD\x1b[3A\x1b7\x1b[1B\r"),
+            "{shown:?}"
+        );
         assert_eq!(
-            line.render(&lost("lost again"), 80),
-            "\r\nimmortal: lost again"
+            line.render(&Status::Back(String::new()), 20),
+            "\x1b8\x1b[1B\r\x1b[K\x1b[1B\r\x1b[K\x1b[1B\r\x1b[K\x1b8"
+        );
+        // Exactly the width: one row.
+        let shown = line.render(&lost(&"y".repeat(10)), 20);
+        assert!(shown.starts_with("\x1bD\x1b[1A"), "{shown:?}");
+        assert_eq!(
+            line.render(&Status::Back(String::new()), 20),
+            "\x1b8\x1b[1B\r\x1b[K\x1b8"
         );
     }
 
     #[test]
-    fn a_line_wrapped_over_rows_is_erased_row_by_row() {
+    fn no_bare_newline_moves_the_cursor_on_a_terminal() {
         let mut line = StatusLine::default();
-        // "immortal: " and 35 more: 45 characters on a 20-column terminal, three rows.
-        line.render(&lost(&"x".repeat(35)), 20);
-        assert_eq!(
-            line.render(&Status::Back(String::new()), 20),
-            "\r\x1b[K\x1b[1A\x1b[K\x1b[1A\x1b[K"
-        );
-        // Exactly the width: one row.
-        line.render(&lost(&"y".repeat(10)), 20);
-        assert_eq!(line.render(&Status::Back(String::new()), 20), "\r\x1b[K");
+        for status in [lost("a"), lost("b"), Status::Back("c".into())] {
+            let out = line.render(&status, 80);
+            assert!(!out.contains('\n'), "{out:?}");
+        }
     }
 }
