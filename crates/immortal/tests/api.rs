@@ -991,6 +991,60 @@ async fn over_tls_the_api_and_both_upgrades_work() {
     assert!(!String::from_utf8_lossy(&answer).contains("HTTP/1.1 200"));
 }
 
+/// With a 64 KiB stream buffer (`--stream-buffer`), the agent never holds more than that of
+/// what the service sent and the client has not read: it stops reading the service meanwhile,
+/// and every byte still arrives once, in order.
+#[tokio::test]
+async fn a_stream_holds_no_more_of_the_service_than_its_stream_buffer() {
+    const BUFFER: usize = 64 * 1024;
+    const SENT: usize = 2 * 1024 * 1024;
+    let agent = start(|config| config.stream_buffer = BUFFER).await;
+    let (port, mut services) = service().await;
+    let stream = agent.create(port).await;
+    let (session, _link) = agent.attach(&stream, Carrier::Raw).await;
+    let mut local = guarded("the service's connection", services.recv())
+        .await
+        .unwrap();
+    let data = pattern(SENT, 5);
+    let service = tokio::spawn({
+        let data = data.clone();
+        async move {
+            local.write_all(&data).await.unwrap();
+            local
+        }
+    });
+    let from_service = || async {
+        let streams = agent.list().await;
+        let info = streams.iter().find(|info| info.id == stream.id).unwrap();
+        info.bytes_from_service
+    };
+    // The client reads nothing yet: the agent takes some of the service's bytes, then waits.
+    guarded("the agent to read from the service", async {
+        while from_service().await < (BUFFER / 2) as u64 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    // Whatever the moment, the agent holds at most the buffer beyond what the client read.
+    let mut got = vec![0u8; SENT];
+    let mut read = 0;
+    while read < SENT {
+        let carried = from_service().await;
+        assert!(
+            carried <= (read + BUFFER) as u64,
+            "{carried} bytes taken from the service when the client had read {read}"
+        );
+        let end = (read + 16 * 1024).min(SENT);
+        let n = guarded("the stream", session.read(&mut got[read..end]))
+            .await
+            .unwrap();
+        assert_ne!(n, 0, "end of stream after {read} bytes");
+        read += n;
+    }
+    assert!(got == data, "the bytes arrived altered");
+    let _local = guarded("the service's write", service).await.unwrap();
+}
+
 #[tokio::test]
 async fn a_stream_not_yet_attached_is_never_evicted_and_a_full_agent_says_so() {
     let mut agent = start(|config| config.max_streams = 1).await;
