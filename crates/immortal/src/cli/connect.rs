@@ -15,13 +15,13 @@ use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::{mpsc, watch};
 
 use super::common::{
-    carry, report_status, session_error, termination, ClientArgs, SessionArgs, Until,
+    carry, report_status, session_error, termination, Carried, ClientArgs, SessionArgs, Until,
 };
 use super::status_line::StatusOut;
 use super::CliError;
 use crate::client::{
-    inside_carrier, network_changes, probe_on_network_changes, ApiClient, SshCarrier, SshCommand,
-    SshConnector, CARRIER_LINGER,
+    inside_carrier, network_changes, probe_on_network_changes, ApiClient, GoneSignal, SshCarrier,
+    SshCommand, SshConnector, CARRIER_LINGER,
 };
 
 /// Carry one immortal stream on stdin/stdout (for ssh's ProxyCommand).
@@ -108,25 +108,7 @@ pub async fn run(args: ConnectArgs) -> Result<(), CliError> {
             return Err(err);
         }
     };
-    let reporter = (!args.quiet).then(|| tokio::spawn(report_status_on_stderr(session.status())));
-    let carried = tokio::select! {
-        result = carry(&session, &mut gone, stdin, tokio::io::stdout(), Until::RemoteEnds) => result,
-        signal = termination() => Err(CliError::Stopped(signal)),
-        never = probe_on_network_changes(&session, network_changes()) => match never {},
-    };
-    if let Some(reporter) = reporter {
-        reporter.abort();
-        // Once it is gone, a status line it left is ended (see `StatusOut`), before anything
-        // else is printed.
-        let _ = reporter.await;
-    }
-    // Tell the agent this side is done (CLOSE); it forgets the stream once both sides are.
-    // After a clean end, first let it acknowledge what we sent; after a failure (the stream
-    // is gone, or we were stopped) there is nobody to wait for: dropping sends CLOSE at once.
-    match carried {
-        Ok(_) => drop(session.close().await),
-        Err(_) => drop(session),
-    }
+    let carried = carry_stdio(session, &mut gone, stdin, args.quiet).await;
     match carried {
         Ok(carried) => {
             tracing::debug!(
@@ -179,24 +161,7 @@ async fn run_via_ssh(args: ConnectArgs, dest: String) -> Result<(), CliError> {
             .map(CliError::from)
             .unwrap_or_else(|| session_error(&err))
     })?;
-    let reporter = (!args.quiet).then(|| tokio::spawn(report_status_on_stderr(session.status())));
-    let carried = tokio::select! {
-        result = carry(&session, &mut gone, stdin, tokio::io::stdout(), Until::RemoteEnds) => result,
-        signal = termination() => Err(CliError::Stopped(signal)),
-        never = probe_on_network_changes(&session, network_changes()) => match never {},
-    };
-    if let Some(reporter) = reporter {
-        reporter.abort();
-        // Once it is gone, a status line it left is ended (see `StatusOut`), before anything
-        // else is printed.
-        let _ = reporter.await;
-    }
-    // As `run`: after a clean end, let the agent acknowledge first; after a failure or a
-    // signal (ssh hangs up its ProxyCommand once it is done), close at once.
-    match carried {
-        Ok(_) => drop(session.close().await),
-        Err(_) => drop(session),
-    }
+    let carried = carry_stdio(session, &mut gone, stdin, args.quiet).await;
     // The CLOSE is on its way through the last carrier: let it get there, so the agent
     // forgets the stream now rather than after its time to live.
     let _ = tokio::time::timeout(CARRIER_LINGER, carriers.all_ended()).await;
@@ -206,6 +171,39 @@ async fn run_via_ssh(args: ConnectArgs, dest: String) -> Result<(), CliError> {
         Err(CliError::Stopped("SIGHUP")) => Ok(()),
         Err(err) => Err(err),
     }
+}
+
+/// Carries `session` on stdin/stdout until the remote service ends it, the stream is gone or
+/// a signal stops the process, with its status on stderr unless `quiet`, and probing its path
+/// whenever the machine's network changes; then closes the session.
+///
+/// Closing tells the agent this side is done (CLOSE); it forgets the stream once both sides
+/// are. After a clean end the agent first acknowledges what we sent; after a failure (the
+/// stream is gone) or a signal (ssh hangs up its ProxyCommand once it is done) there is nobody
+/// to wait for, and dropping the session sends CLOSE at once.
+async fn carry_stdio(
+    session: Session,
+    gone: &mut GoneSignal,
+    stdin: StdinReader,
+    quiet: bool,
+) -> Result<Carried, CliError> {
+    let reporter = (!quiet).then(|| tokio::spawn(report_status_on_stderr(session.status())));
+    let carried = tokio::select! {
+        result = carry(&session, gone, stdin, tokio::io::stdout(), Until::RemoteEnds) => result,
+        signal = termination() => Err(CliError::Stopped(signal)),
+        never = probe_on_network_changes(&session, network_changes()) => match never {},
+    };
+    if let Some(reporter) = reporter {
+        reporter.abort();
+        // Once it is gone, a status line it left is ended (see `StatusOut`), before anything
+        // else is printed.
+        let _ = reporter.await;
+    }
+    match carried {
+        Ok(_) => drop(session.close().await),
+        Err(_) => drop(session),
+    }
+    carried
 }
 
 /// How a person quits a session whose link is down: ssh's escape sequence (ssh runs this

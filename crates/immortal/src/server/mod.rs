@@ -133,17 +133,34 @@ impl AgentConfig {
 
     /// The session settings each stream's sessions run with.
     fn session_options(&self) -> SessionOptions {
-        let timing = SessionConfig {
-            heartbeat_interval: self.heartbeat,
-            dead_after: self.heartbeat * 2 + Duration::from_secs(1),
-            ..SessionConfig::default()
-        };
-        SessionOptions::default()
-            .timing(timing)
-            .pipe(PipeConfig::default().buffer_capacity(self.stream_buffer))
-            .ttl(self.ttl)
-            .handshake_timeout(self.handshake_timeout)
+        stream_session_options(
+            self.heartbeat,
+            self.stream_buffer,
+            self.ttl,
+            self.handshake_timeout,
+        )
     }
+}
+
+/// The session settings of an agent's streams: its heartbeat (a path silent for two of them
+/// and a second is dead), its stream buffer as each session's replay capacity, its TTL and
+/// handshake timeout.
+fn stream_session_options(
+    heartbeat: Duration,
+    stream_buffer: usize,
+    ttl: Duration,
+    handshake_timeout: Duration,
+) -> SessionOptions {
+    let timing = SessionConfig {
+        heartbeat_interval: heartbeat,
+        dead_after: heartbeat * 2 + Duration::from_secs(1),
+        ..SessionConfig::default()
+    };
+    SessionOptions::default()
+        .timing(timing)
+        .pipe(PipeConfig::default().buffer_capacity(stream_buffer))
+        .ttl(ttl)
+        .handshake_timeout(handshake_timeout)
 }
 
 /// The smallest and largest [`AgentConfig::stream_buffer`]: below 64 KiB a stream could not

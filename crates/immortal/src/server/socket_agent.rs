@@ -16,8 +16,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use backedpipe::session::SessionConfig;
-use backedpipe::{BoxIo, PipeConfig, SessionOptions};
+use backedpipe::{BoxIo, SessionOptions};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
@@ -70,16 +69,12 @@ impl Default for SocketAgentConfig {
 
 impl SocketAgentConfig {
     fn session_options(&self) -> SessionOptions {
-        let timing = SessionConfig {
-            heartbeat_interval: self.heartbeat,
-            dead_after: self.heartbeat * 2 + Duration::from_secs(1),
-            ..SessionConfig::default()
-        };
-        SessionOptions::default()
-            .timing(timing)
-            .pipe(PipeConfig::default().buffer_capacity(self.stream_buffer))
-            .ttl(self.ttl)
-            .handshake_timeout(self.handshake_timeout)
+        super::stream_session_options(
+            self.heartbeat,
+            self.stream_buffer,
+            self.ttl,
+            self.handshake_timeout,
+        )
     }
 }
 
