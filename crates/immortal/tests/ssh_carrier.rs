@@ -141,40 +141,73 @@ async fn immortal_ssh_runs_a_command_with_nothing_set_up() {
         .expect("the test did not finish in time");
 }
 
+/// An sshd whose sessions have a home of their own (a directory of the test, so
+/// `~/.local/bin` is too), with a fake command first on their PATH if asked.
+struct RemoteHome {
+    sshd: Sshd,
+    home: tempfile::TempDir,
+    base: tempfile::TempDir,
+}
+
+impl RemoteHome {
+    /// `fake`: a command's name and the shell script it runs.
+    async fn start(fake: Option<(&str, &str)>) -> RemoteHome {
+        let home = tempfile::tempdir().unwrap();
+        let base = tempfile::tempdir().unwrap();
+        let bin = base.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        if let Some((name, script)) = fake {
+            let path = bin.join(name);
+            std::fs::write(&path, format!("#!/bin/sh\n{script}\n")).unwrap();
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                .unwrap();
+        }
+        let sshd = Sshd::start_with(&format!(
+            "SetEnv HOME={} PATH={}:/usr/local/bin:/usr/bin:/bin IMMORTAL_RUNTIME_DIR={} \
+             IMMORTAL_AGENT_IDLE_EXIT=2s NO_COLOR=1\n",
+            home.path().display(),
+            bin.display(),
+            base.path().join("rt").display()
+        ))
+        .await;
+        RemoteHome { sshd, home, base }
+    }
+
+    /// Where the remote agent runs.
+    fn runtime(&self) -> std::path::PathBuf {
+        self.base.path().join("rt")
+    }
+
+    /// `immortal ssh [--install] HOST COMMAND`.
+    async fn ssh(&self, install: bool, command: &str) -> std::process::Output {
+        let mut ssh = Command::new(IMMORTAL);
+        ssh.arg("ssh");
+        if install {
+            ssh.arg("--install");
+        }
+        ssh.args(["-p", &self.sshd.port.to_string()])
+            .arg(format!("{}@127.0.0.1", self.sshd.user))
+            .arg(command)
+            .env("IMMORTAL_SSH_COMMAND", ssh_command(&self.sshd, &[]))
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .unwrap()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn install_copies_the_binary_and_the_carrier_finds_it_there() {
     let work = async {
-        // The remote user's home is a directory of the test, so ~/.local/bin is too.
-        let home = tempfile::tempdir().unwrap();
-        let base = tempfile::tempdir().unwrap();
-        let runtime = base.path().join("rt");
-        let sshd = Sshd::start_with(&format!(
-            "SetEnv HOME={} IMMORTAL_RUNTIME_DIR={} IMMORTAL_AGENT_IDLE_EXIT=2s NO_COLOR=1\n",
-            home.path().display(),
-            runtime.display()
-        ))
-        .await;
-        let run = |install: bool| {
-            let mut command = Command::new(IMMORTAL);
-            command.arg("ssh");
-            if install {
-                command.arg("--install");
-            }
-            command
-                .args(["-p", &sshd.port.to_string()])
-                .arg(format!("{}@127.0.0.1", sshd.user))
-                .arg("echo from $HOME")
-                .env("IMMORTAL_SSH_COMMAND", ssh_command(&sshd, &[]))
-                .env("NO_COLOR", "1")
-                .stdin(Stdio::null())
-                .output()
-        };
+        let remote = RemoteHome::start(None).await;
+        let home = remote.home.path();
         // No `immortal` on the remote PATH: without --install, one line says so.
-        let before = run(false).await.unwrap();
+        let before = remote.ssh(false, "echo from $HOME").await;
         let stderr = String::from_utf8_lossy(&before.stderr);
         assert_eq!(before.status.code(), Some(255), "{stderr}");
         assert!(stderr.contains("has no `"), "{stderr}");
-        let installed = run(true).await.unwrap();
+        let installed = remote.ssh(true, "echo from $HOME").await;
         let stderr = String::from_utf8_lossy(&installed.stderr);
         assert!(
             stderr.contains("installed immortal"),
@@ -182,59 +215,38 @@ async fn install_copies_the_binary_and_the_carrier_finds_it_there() {
         );
         assert_eq!(
             String::from_utf8_lossy(&installed.stdout),
-            format!("from {}\n", home.path().display()),
+            format!("from {}\n", home.display()),
             "{stderr}"
         );
         assert!(installed.status.success(), "{stderr}");
-        let copy = std::fs::read(home.path().join(".local/bin/immortal")).unwrap();
+        let copy = std::fs::read(home.join(".local/bin/immortal")).unwrap();
         assert!(
             copy == std::fs::read(IMMORTAL).unwrap(),
             "the installed binary differs from the running one"
         );
         // From now on the carrier finds it in ~/.local/bin by itself.
-        let after = run(false).await.unwrap();
+        let after = remote.ssh(false, "echo from $HOME").await;
         assert!(
             after.status.success(),
             "{}",
             String::from_utf8_lossy(&after.stderr)
         );
-        wait_for_agent_exit(&runtime).await;
+        wait_for_agent_exit(&remote.runtime()).await;
     };
     tokio::time::timeout(OVERALL, work)
         .await
         .expect("the test did not finish in time");
 }
 
-/// Runs `immortal ssh --install` against an sshd whose sessions find `fake` (a name and a
-/// shell script) first on their PATH, with a home of their own. Returns the output and the
-/// remote home.
-async fn install_with_fake(fake: (&str, &str)) -> (std::process::Output, tempfile::TempDir) {
-    let home = tempfile::tempdir().unwrap();
-    let base = tempfile::tempdir().unwrap();
-    let bin = base.path().join("bin");
-    std::fs::create_dir(&bin).unwrap();
-    let script = bin.join(fake.0);
-    std::fs::write(&script, format!("#!/bin/sh\n{}\n", fake.1)).unwrap();
-    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let sshd = Sshd::start_with(&format!(
-        "SetEnv HOME={} PATH={}:/usr/local/bin:/usr/bin:/bin IMMORTAL_RUNTIME_DIR={} \
-         IMMORTAL_AGENT_IDLE_EXIT=2s NO_COLOR=1\n",
-        home.path().display(),
-        bin.display(),
-        base.path().join("rt").display()
-    ))
-    .await;
-    let output = Command::new(IMMORTAL)
-        .args(["ssh", "--install", "-p", &sshd.port.to_string()])
-        .arg(format!("{}@127.0.0.1", sshd.user))
-        .arg("true")
-        .env("IMMORTAL_SSH_COMMAND", ssh_command(&sshd, &[]))
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .unwrap();
-    (output, home)
+/// The line of a failed `immortal ssh --install` that says why.
+fn install_refusal(output: &std::process::Output) -> String {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    stderr
+        .lines()
+        .find(|l| l.contains("--install:"))
+        .unwrap_or_else(|| panic!("no refusal:\n{stderr}"))
+        .to_owned()
 }
 
 /// `--install` refuses a host whose `uname -sm` names another platform, and copies nothing.
@@ -247,20 +259,16 @@ async fn install_refuses_a_host_of_another_platform() {
         } else {
             "FreeBSD amd64"
         };
-        let (output, home) = install_with_fake(("uname", &format!("echo {other}"))).await;
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(!output.status.success(), "{stderr}");
-        let line = stderr
-            .lines()
-            .find(|l| l.contains("--install:"))
-            .unwrap_or_else(|| panic!("no refusal:\n{stderr}"));
+        let remote = RemoteHome::start(Some(("uname", &format!("echo {other}")))).await;
+        let output = remote.ssh(true, "true").await;
+        let line = install_refusal(&output);
         assert!(
             line.contains("runs freebsd/x86_64") || line.contains("runs linux/aarch64"),
             "{line}"
         );
         assert!(line.contains("nothing was copied"), "{line}");
         assert!(
-            !home.path().join(".local").exists(),
+            !remote.home.path().join(".local").exists(),
             "something was copied to the remote"
         );
     };
@@ -274,16 +282,12 @@ async fn install_refuses_a_host_of_another_platform() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn install_removes_a_copy_that_does_not_start() {
     let work = async {
-        let (output, home) = install_with_fake(("chmod", "exit 0")).await;
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(!output.status.success(), "{stderr}");
-        let line = stderr
-            .lines()
-            .find(|l| l.contains("--install:"))
-            .unwrap_or_else(|| panic!("no refusal:\n{stderr}"));
+        let remote = RemoteHome::start(Some(("chmod", "exit 0"))).await;
+        let output = remote.ssh(true, "true").await;
+        let line = install_refusal(&output);
         assert!(line.contains("does not start"), "{line}");
         assert!(line.contains("nothing was installed"), "{line}");
-        let bin = home.path().join(".local/bin");
+        let bin = remote.home.path().join(".local/bin");
         let left: Vec<_> = std::fs::read_dir(&bin).unwrap().collect();
         assert!(left.is_empty(), "left in {}: {left:?}", bin.display());
     };
