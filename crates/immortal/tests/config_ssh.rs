@@ -68,7 +68,7 @@ fn config_ssh_writes_a_block_ssh_reads_and_removes_it_exactly() {
     // The outer ssh rides immortal; the carrier reaches the host as the file says.
     let outer = resolved(&config, "web", false);
     assert!(
-        outer.contains("connect --stdio --via-ssh %n %p"),
+        outer.contains("connect --stdio --via-ssh %r@%n --ssh-arg=-p%p %p"),
         "no ProxyCommand for web:\n{outer}"
     );
     assert!(outer.contains("serveraliveinterval 30"), "{outer}");
@@ -115,4 +115,47 @@ fn config_ssh_creates_a_private_file_when_there_is_none() {
     assert!(resolved(&config, "box", false).contains("--via-ssh"));
     config_ssh(home.path(), &["--remove", "box"]);
     assert_eq!(std::fs::read_to_string(&config).unwrap(), "");
+}
+
+/// Plain `ssh -p 2222 alice@web` through the block starts its carriers as alice, on port 2222:
+/// the ProxyCommand passes the user and port its ssh resolved. The carrier here is a script
+/// that writes down its arguments and fails, so nothing is dialled.
+#[test]
+fn the_carriers_of_a_configured_host_log_in_as_its_ssh_user_and_port() {
+    use std::os::unix::fs::PermissionsExt;
+    let home = tempfile::tempdir().unwrap();
+    config_ssh(home.path(), &["web"]);
+    let log = home.path().join("carrier-args");
+    let carrier = home.path().join("carrier.sh");
+    std::fs::write(
+        &carrier,
+        format!("#!/bin/sh\necho \"$@\" >> '{}'\nexit 1\n", log.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&carrier, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let output = Command::new("ssh")
+        .arg("-F")
+        .arg(home.path().join(".ssh/config"))
+        .args(["-p", "2222", "alice@web", "true"])
+        .env("HOME", home.path())
+        .env("IMMORTAL_SSH_COMMAND", &carrier)
+        .env_remove("IMMORTAL_CARRIER")
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run ssh (install openssh-client)");
+    assert!(!output.status.success());
+    let args = std::fs::read_to_string(&log).unwrap_or_else(|_| {
+        panic!(
+            "no carrier was started:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    let first = args.lines().next().unwrap();
+    let words: Vec<&str> = first.split_whitespace().collect();
+    assert!(words.contains(&"-p2222"), "{first}");
+    assert!(
+        words.ends_with(&["alice@web", "immortal", "relay"]),
+        "{first}"
+    );
 }

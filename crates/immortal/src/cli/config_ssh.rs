@@ -6,8 +6,8 @@
 //! ```text
 //! # >>> immortal config-ssh >>>
 //! # Written by `immortal config-ssh`; edits inside are lost. Undo: immortal config-ssh --remove
-//! Match originalhost web1,db exec "test -z $IMMORTAL_CARRIER"
-//!     ProxyCommand /usr/local/bin/immortal connect --stdio --via-ssh %n %p
+//! Match originalhost web1,db !exec "printenv IMMORTAL_CARRIER"
+//!     ProxyCommand /usr/local/bin/immortal connect --stdio --via-ssh %r@%n --ssh-arg=-p%p %p
 //! Match all
 //! # <<< immortal config-ssh <<<
 //! ```
@@ -15,7 +15,10 @@
 //! It goes first in the file, because ssh keeps the first value it reads for an option. The
 //! `exec` condition keeps it from applying to immortal's own carriers, which run with
 //! `IMMORTAL_CARRIER=1`: they reach the host as the rest of the file says (a `ProxyJump` there
-//! is kept). `Match all` ends it, so global settings that follow still apply to every host.
+//! is kept). `printenv` runs the same in every login shell (a `$VARIABLE` test would fail in
+//! csh when unset). The carriers log in as the user and on the port of the ssh they serve
+//! (`%r`, `%p`: what its command line or the file says). `Match all` ends the block, so global
+//! settings that follow still apply to every host.
 
 use std::fs;
 use std::io::{self, Write};
@@ -126,10 +129,18 @@ fn render(hosts: &[String], exe: &str) -> String {
     format!(
         "{BEGIN}\n\
          # Written by `immortal config-ssh`; edits inside are lost. Undo: immortal config-ssh --remove\n\
-         {MATCH_PREFIX}{} exec \"test -z $IMMORTAL_CARRIER\"\n    \
-         ProxyCommand {exe} connect --stdio --via-ssh %n %p\n\
+         {}    \
+         ProxyCommand {exe} connect --stdio --via-ssh %r@%n --ssh-arg=-p%p %p\n\
          Match all\n\
          {END}\n",
+        match_line(hosts)
+    )
+}
+
+/// The block's `Match` line for `hosts`: those hosts, and not inside a carrier.
+fn match_line(hosts: &[String]) -> String {
+    format!(
+        "{MATCH_PREFIX}{} !exec \"printenv IMMORTAL_CARRIER\"\n",
         hosts.join(",")
     )
 }
@@ -206,10 +217,7 @@ pub fn remove_hosts(text: &str, hosts: &[String]) -> Result<String, ConfigSshErr
     let mut rewritten = String::with_capacity(block.len());
     for line in block.split_inclusive('\n') {
         if line.starts_with(MATCH_PREFIX) {
-            rewritten.push_str(&format!(
-                "{MATCH_PREFIX}{} exec \"test -z $IMMORTAL_CARRIER\"\n",
-                left.join(",")
-            ));
+            rewritten.push_str(&match_line(&left));
         } else {
             rewritten.push_str(line);
         }
@@ -334,8 +342,8 @@ mod tests {
             text,
             format!(
                 "{BEGIN}\n# Written by `immortal config-ssh`; edits inside are lost. Undo: immortal \
-                 config-ssh --remove\nMatch originalhost web,db exec \"test -z $IMMORTAL_CARRIER\"\n    \
-                 ProxyCommand {EXE} connect --stdio --via-ssh %n %p\nMatch all\n{END}\n{original}"
+                 config-ssh --remove\nMatch originalhost web,db !exec \"printenv IMMORTAL_CARRIER\"\n    \
+                 ProxyCommand {EXE} connect --stdio --via-ssh %r@%n --ssh-arg=-p%p %p\nMatch all\n{END}\n{original}"
             )
         );
         assert_eq!(
@@ -368,7 +376,7 @@ mod tests {
         ] {
             let added = add_hosts(original, &hosts(&["h1", "h2"]), EXE).unwrap();
             let one = remove_hosts(&added, &hosts(&["h1"])).unwrap();
-            assert!(one.contains("Match originalhost h2 exec"), "{one}");
+            assert!(one.contains("Match originalhost h2 !exec"), "{one}");
             assert!(one.ends_with(original));
             assert_eq!(remove_hosts(&one, &hosts(&["h2"])).unwrap(), original);
             assert_eq!(remove_hosts(&added, &[]).unwrap(), original);

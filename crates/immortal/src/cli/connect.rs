@@ -37,7 +37,7 @@ use crate::client::{
 /// nothing listens on TARGET_PORT, 6 the agent is full, 7 the agent cannot be reached.
 ///
 /// Examples: ssh -o ProxyCommand='immortal connect --stdio --server %h:7400 %p' myhost
-///           ssh -o ProxyCommand='immortal connect --stdio --via-ssh %n %p' myhost
+///           ssh -o ProxyCommand='immortal connect --stdio --via-ssh %r@%n --ssh-arg=-p%p %p' myhost
 #[derive(Debug, Clone, Args)]
 pub struct ConnectArgs {
     /// Use stdin and stdout as the local end (the only mode; required for clarity).
