@@ -159,3 +159,37 @@ fn the_carriers_of_a_configured_host_log_in_as_its_ssh_user_and_port() {
         "{first}"
     );
 }
+
+/// A `~/.ssh/config` that is a link (into a dotfiles repository) stays a link: the file it
+/// points to gets the block, and loses it again on `--remove`.
+#[test]
+fn a_linked_config_stays_a_link_and_its_target_is_edited() {
+    let home = tempfile::tempdir().unwrap();
+    let dotfiles = home.path().join("dotfiles");
+    std::fs::create_dir_all(&dotfiles).unwrap();
+    std::fs::create_dir(home.path().join(".ssh")).unwrap();
+    let target = dotfiles.join("ssh_config");
+    std::fs::write(&target, ORIGINAL).unwrap();
+    let link = home.path().join(".ssh/config");
+    std::os::unix::fs::symlink("../dotfiles/ssh_config", &link).unwrap();
+
+    config_ssh(home.path(), &["web"]);
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    let written = std::fs::read_to_string(&target).unwrap();
+    assert!(written.contains("--via-ssh"), "{written}");
+    assert!(written.ends_with(ORIGINAL), "{written}");
+    assert_eq!(
+        std::fs::read_to_string(home.path().join(".ssh/config.immortal.bak")).unwrap(),
+        ORIGINAL
+    );
+
+    config_ssh(home.path(), &["--remove"]);
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), ORIGINAL);
+}

@@ -281,7 +281,14 @@ pub fn run(args: ConfigSshArgs) -> Result<(), CliError> {
     if original.is_some() {
         fs::copy(&path, &backup).map_err(|err| io_error("cannot back up", err))?;
     }
-    write_atomically(&path, updated.as_bytes()).map_err(|err| io_error("cannot write", err))?;
+    // A configuration that is a link (to a dotfiles repository, say) stays one: the file it
+    // points to is what changes.
+    let target = if fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
+        fs::canonicalize(&path).map_err(|err| io_error("cannot follow the link", err))?
+    } else {
+        path.clone()
+    };
+    write_atomically(&target, updated.as_bytes()).map_err(|err| io_error("cannot write", err))?;
     let verb = if args.remove { "removed" } else { "set up" };
     let which = if args.hosts.is_empty() {
         "every host".to_string()
