@@ -22,9 +22,10 @@
 //!
 //! Each [`connect`](Connector::connect) starts a new carrier and sends one request line
 //! ([`socket_proto`](crate::socket_proto)): the first asks for a new stream to the port, later
-//! ones resume it by id. The carrier is killed when its transport is dropped, which the session
+//! ones resume it by id. The carrier is ended when its transport is dropped, which the session
 //! does when its heartbeat finds the path dead (a hung or black-holed carrier) and before
-//! every resume. What ssh writes to its stderr is logged at debug level, and its last lines
+//! every resume: SIGTERM first, on which ssh also stops a ProxyJump or ProxyCommand process it
+//! runs (SIGKILL would leave that one running), then SIGKILL a second later. What ssh writes to its stderr is logged at debug level, and its last lines
 //! are quoted when the carrier fails.
 
 use std::collections::VecDeque;
@@ -90,6 +91,8 @@ const STDERR_LINE_LEN: usize = 300;
 const MAX_NOISE_LINES: usize = 32;
 /// How long a carrier that closed its stdout may take to exit before it is killed.
 const EXIT_WAIT: Duration = Duration::from_secs(5);
+/// How long a carrier has to exit after SIGTERM before it is killed.
+const TERM_GRACE: Duration = Duration::from_secs(1);
 
 /// Why an ssh command line is unusable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -391,15 +394,13 @@ impl SshConnector {
 
     async fn try_open(&self, remote: &str, request: &Request) -> Result<BoxIo, ClientError> {
         let host = self.carrier.dest.clone();
-        let mut child =
-            self.carrier
-                .command(remote)
-                .spawn()
-                .map_err(|err| ClientError::Carrier {
-                    host: host.clone(),
-                    ended: format!("could not be started ({})", self.carrier.ssh.program),
-                    said: err.to_string(),
-                })?;
+        let mut child = CarrierChild(Some(self.carrier.command(remote).spawn().map_err(
+            |err| ClientError::Carrier {
+                host: host.clone(),
+                ended: format!("could not be started ({})", self.carrier.ssh.program),
+                said: err.to_string(),
+            },
+        )?));
         let (Some(mut stdin), Some(mut stdout), Some(stderr)) =
             (child.stdin.take(), child.stdout.take(), child.stderr.take())
         else {
@@ -408,7 +409,7 @@ impl SshConnector {
             )));
         };
         let said = keep_stderr(stderr, host.clone());
-        // Counted from here: a carrier that fails before the reply is killed when `child` is
+        // Counted from here: a carrier that fails before the reply is ended when `child` is
         // dropped (it has nothing to finish).
         let guard = self.carriers.guard();
         // A carrier that ends at once makes this write fail; its exit status says why.
@@ -629,12 +630,64 @@ const FRESH_CARRIER: Duration = Duration::from_secs(1);
 /// How long a dropped carrier may take to exit by itself before it is killed.
 pub const CARRIER_LINGER: Duration = Duration::from_secs(3);
 
+/// A carrier's process, ended when dropped unless it has exited (see [`terminate`]).
+#[derive(Debug)]
+struct CarrierChild(Option<Child>);
+
+impl std::ops::Deref for CarrierChild {
+    type Target = Child;
+
+    fn deref(&self) -> &Child {
+        self.0.as_ref().expect("taken only when dropped")
+    }
+}
+
+impl std::ops::DerefMut for CarrierChild {
+    fn deref_mut(&mut self) -> &mut Child {
+        self.0.as_mut().expect("taken only when dropped")
+    }
+}
+
+impl Drop for CarrierChild {
+    fn drop(&mut self) {
+        let Some(mut child) = self.0.take() else {
+            return;
+        };
+        if child.id().is_none() {
+            // Exited and reaped: its process id may already be another's.
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn(async move { terminate(&mut child).await })),
+            Err(_) => drop(child.start_kill()),
+        }
+    }
+}
+
+/// Ends a carrier that will not exit by itself: SIGTERM, on which ssh also stops the
+/// ProxyJump or ProxyCommand process it runs (SIGKILL would leave that one running, an orphan,
+/// until its connection gives up), then SIGKILL if the carrier is still there [`TERM_GRACE`]
+/// later.
+async fn terminate(child: &mut Child) {
+    let pid = child
+        .id()
+        .and_then(|id| rustix::process::Pid::from_raw(i32::try_from(id).ok()?));
+    if let Some(pid) = pid {
+        if rustix::process::kill_process(pid, rustix::process::Signal::TERM).is_ok()
+            && tokio::time::timeout(TERM_GRACE, child.wait()).await.is_ok()
+        {
+            return;
+        }
+    }
+    let _ = child.kill().await;
+}
+
 /// A carrier's stdio as one byte stream. Dropping it closes stdin and leaves the process
-/// [`CARRIER_LINGER`] to exit before killing it (see [`Carriers`]).
+/// [`CARRIER_LINGER`] to exit before ending it (see [`Carriers`]).
 struct CarrierIo {
     stdin: Option<ChildStdin>,
     stdout: Option<ChildStdout>,
-    child: Option<Child>,
+    child: Option<CarrierChild>,
     guard: Option<CarrierGuard>,
 }
 
@@ -647,7 +700,7 @@ impl Drop for CarrierIo {
             return;
         };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            let _ = child.start_kill();
+            // Ended by `CarrierChild` as best it can without a runtime.
             return;
         };
         runtime.spawn(async move {
@@ -659,7 +712,7 @@ impl Drop for CarrierIo {
                 child.wait().await
             };
             if tokio::time::timeout(CARRIER_LINGER, drain).await.is_err() {
-                let _ = child.kill().await;
+                terminate(&mut child).await;
             }
             drop(guard);
         });
@@ -791,6 +844,40 @@ mod tests {
         // The abandoned carrier was counted out when the new one was counted in.
         assert_eq!(carriers.running(), running);
         attempt.abort();
+    }
+
+    /// A carrier abandoned while it starts (here an "ssh" that announces itself on a FIFO
+    /// and hangs, as a login into a dead path does) is sent SIGTERM, on which a real ssh
+    /// also stops its ProxyJump process; SIGKILL would leave that one running.
+    #[tokio::test]
+    async fn an_abandoned_carrier_is_sent_sigterm_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("said");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let said = tokio::net::unix::pipe::OpenOptions::new()
+            .read_write(true)
+            .open_receiver(&fifo)
+            .unwrap();
+        let mut said = BufReader::new(said).lines();
+        let script = format!(
+            "trap 'kill $!; echo terminated > {fifo}; exit 0' TERM; echo started > {fifo}; \
+             sleep 1000 & wait",
+            fifo = fifo.display()
+        );
+        let ssh = SshCommand::parse(&format!("sh -c \"{script}\" carrier")).unwrap();
+        let connector = SshConnector::new(SshCarrier::new(ssh, "host", None), 22);
+        let attempt = tokio::spawn(async move { connector.connect().await.map(drop) });
+        assert_eq!(said.next_line().await.unwrap().as_deref(), Some("started"));
+        attempt.abort();
+        let ended = tokio::time::timeout(Duration::from_secs(20), said.next_line()).await;
+        assert!(
+            matches!(ended, Ok(Ok(Some(ref line))) if line == "terminated"),
+            "the carrier got no SIGTERM: {ended:?}"
+        );
     }
 
     #[test]
