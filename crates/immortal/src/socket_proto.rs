@@ -200,6 +200,70 @@ impl Reply {
     }
 }
 
+impl Reply {
+    /// The reply at the end of `line`, which may begin with other output: what a login
+    /// shell's start-up files print before the relay runs (a terminal title's escape
+    /// sequence with no newline, say, which ends in a letter). An `ok` must carry a stream id
+    /// or `pid=<pid>`, and an `error` a known code. `None` when the line holds no reply.
+    ///
+    /// ```
+    /// use immortal::socket_proto::Reply;
+    ///
+    /// let line = b"\x1b]0;title\x07ok 0123456789abcdef0123456789abcdef";
+    /// assert_eq!(
+    ///     Reply::find_at_end(line),
+    ///     Some(Reply::Ok("0123456789abcdef0123456789abcdef".into())),
+    /// );
+    /// assert_eq!(Reply::find_at_end(b"look at this"), None);
+    /// ```
+    pub fn find_at_end(line: &[u8]) -> Option<Reply> {
+        let line = String::from_utf8_lossy(line);
+        if let Some(at) = line.rfind("ok ") {
+            let word = &line[at + 3..];
+            let pid = word
+                .strip_prefix("pid=")
+                .is_some_and(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()));
+            if is_stream_id(word) || pid {
+                return Some(Reply::Ok(word.to_owned()));
+            }
+        }
+        line.rmatch_indices("error ")
+            .find_map(|(at, _)| match Reply::parse(&line[at..]) {
+                Ok(error @ Reply::Error { .. }) => Some(error),
+                _ => None,
+            })
+    }
+}
+
+/// Reads one line, keeping at most its last `keep` bytes, byte by byte so that nothing after
+/// the newline is consumed; returns it without the newline. `Ok(None)` at end of stream
+/// before any byte.
+///
+/// # Errors
+/// The read's failure; `UnexpectedEof` at end of stream inside a line.
+pub async fn read_line_tail(
+    io: &mut (impl AsyncRead + Unpin),
+    keep: usize,
+) -> io::Result<Option<Vec<u8>>> {
+    let mut line = std::collections::VecDeque::with_capacity(64);
+    loop {
+        let mut byte = [0u8; 1];
+        if io.read(&mut byte).await? == 0 {
+            if line.is_empty() {
+                return Ok(None);
+            }
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        if byte[0] == b'\n' {
+            return Ok(Some(line.into()));
+        }
+        if line.len() == keep {
+            line.pop_front();
+        }
+        line.push_back(byte[0]);
+    }
+}
+
 /// Reads one line of at most [`MAX_LINE`] bytes, byte by byte so that nothing after the
 /// newline is consumed; returns it without the newline. `Ok(None)` at end of stream before any
 /// byte.
@@ -236,6 +300,58 @@ pub async fn read_line(io: &mut (impl AsyncRead + Unpin)) -> io::Result<Option<S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reply_is_found_at_the_end_of_what_a_login_printed_before_it() {
+        let id = "0123456789abcdef0123456789abcdef";
+        let ok = Some(Reply::Ok(id.into()));
+        for line in [
+            format!("ok {id}"),
+            format!("\x1b]0;user@host\x07ok {id}"),
+            format!("{}ok {id}", "x ".repeat(400)),
+            format!("Welcome! ok {id}"),
+            format!("\x1b[0mok {id}"),
+        ] {
+            assert_eq!(Reply::find_at_end(line.as_bytes()), ok, "{line:?}");
+        }
+        let mut invalid_utf8 = b"\xff\xfe ".to_vec();
+        invalid_utf8.extend_from_slice(format!("ok {id}").as_bytes());
+        assert_eq!(Reply::find_at_end(&invalid_utf8), ok);
+        assert_eq!(
+            Reply::find_at_end(b"\x1b[0merror not-found no such stream"),
+            Some(Reply::Error {
+                code: ErrorCode::NotFound,
+                message: "no such stream".into()
+            })
+        );
+        assert_eq!(
+            Reply::find_at_end(b"ok pid=42"),
+            Some(Reply::Ok("pid=42".into()))
+        );
+        for noise in [
+            "look at this".to_string(),
+            "Last login ok 5".into(),
+            format!("ok {id} and more"),
+            "terror free".into(),
+            "error free login".into(),
+            String::new(),
+        ] {
+            assert_eq!(Reply::find_at_end(noise.as_bytes()), None, "{noise:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_line_tail_keeps_the_end_of_a_long_line_and_nothing_after_it() {
+        let mut input: &[u8] = b"0123456789abcdef\nrest";
+        assert_eq!(
+            read_line_tail(&mut input, 4).await.unwrap(),
+            Some(b"cdef".to_vec())
+        );
+        assert_eq!(input, b"rest");
+        assert!(read_line_tail(&mut input, 4).await.is_err(), "no newline");
+        let mut empty: &[u8] = b"";
+        assert_eq!(read_line_tail(&mut empty, 4).await.unwrap(), None);
+    }
 
     #[test]
     fn requests_round_trip_and_bad_ones_are_refused() {

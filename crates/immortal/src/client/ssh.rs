@@ -86,8 +86,8 @@ const CARRIER_DEFAULTS: &[&str] = &["-o", "ConnectTimeout=15"];
 const STDERR_LINES: usize = 6;
 /// The longest stderr line kept (longer ones are cut).
 const STDERR_LINE_LEN: usize = 300;
-/// Lines on the carrier's stdout that are not a reply (a start-up file that prints) skipped
-/// before giving up.
+/// Lines on the carrier's stdout that hold no reply (a start-up file that prints) skipped
+/// before giving up; a reply may also end a line that begins with such output.
 const MAX_NOISE_LINES: usize = 32;
 /// How long a carrier that closed its stdout may take to exit before it is killed.
 const EXIT_WAIT: Duration = Duration::from_secs(5);
@@ -416,14 +416,21 @@ impl SshConnector {
         let _ = stdin.write_all(request.to_line().as_bytes()).await;
         let mut noise = 0;
         let reply = loop {
-            match socket_proto::read_line(&mut stdout).await {
-                Ok(Some(line)) => match Reply::parse(&line) {
-                    Ok(reply) => break Some(reply),
-                    Err(_) if noise < MAX_NOISE_LINES => {
+            match socket_proto::read_line_tail(&mut stdout, socket_proto::MAX_LINE).await {
+                Ok(Some(line)) => match Reply::find_at_end(&line) {
+                    Some(reply) => break Some(reply),
+                    None if noise < MAX_NOISE_LINES => {
                         noise += 1;
+                        let line = String::from_utf8_lossy(&line);
                         tracing::debug!(%host, %line, "the carrier printed something before the reply");
                     }
-                    Err(err) => return Err(ClientError::Protocol(err)),
+                    None => {
+                        return Err(ClientError::Protocol(format!(
+                            "the carrier printed {MAX_NOISE_LINES} lines and no agent's reply; \
+                             the last: {:?}",
+                            String::from_utf8_lossy(&line)
+                        )))
+                    }
                 },
                 Ok(None) | Err(_) => break None,
             }
@@ -844,6 +851,24 @@ mod tests {
         // The abandoned carrier was counted out when the new one was counted in.
         assert_eq!(carriers.running(), running);
         attempt.abort();
+    }
+
+    /// What a login's start-up files print before the relay runs (a long line, bytes that are
+    /// not UTF-8, a terminal title with no newline) is skipped, and the reply found after it.
+    #[tokio::test]
+    async fn output_of_a_login_before_the_reply_is_skipped() {
+        let id = "0123456789abcdef0123456789abcdef";
+        let script = format!(
+            "head -c 600 /dev/zero | tr '\\\\0' x; echo; printf '\\\\377\\\\376\\\\n'; \
+             printf '\\\\033]0;title\\\\007'; echo 'ok {id}'; exec sleep 1000"
+        );
+        let ssh = SshCommand::parse(&format!("sh -c \"{script}\" carrier")).unwrap();
+        let connector = SshConnector::new(SshCarrier::new(ssh, "host", None), 22);
+        let _io = tokio::time::timeout(Duration::from_secs(20), connector.connect())
+            .await
+            .expect("no answer")
+            .unwrap();
+        assert_eq!(connector.stream_id().as_deref(), Some(id));
     }
 
     /// A carrier abandoned while it starts (here an "ssh" that announces itself on a FIFO
