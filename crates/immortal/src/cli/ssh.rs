@@ -26,7 +26,7 @@ use crate::client::{SshCarrier, SshCommand};
 ///
 /// Example: immortal ssh -p 2222 me@example.org tmux attach
 #[derive(Debug, Clone, Args)]
-#[command(disable_help_flag = true)]
+#[command(disable_help_flag = true, disable_version_flag = true)]
 pub struct SshArgs {
     /// Show this help.
     #[arg(long, action = clap::ArgAction::Help)]
@@ -183,6 +183,30 @@ impl SshLine {
         }
     }
 
+    /// The destination and the command, as the outer ssh takes them: a command whose first
+    /// word starts with `-` follows a `--`, so that ssh does not read it as an option.
+    ///
+    /// ```
+    /// use immortal::cli::ssh::SshLine;
+    ///
+    /// let line = SshLine::parse(["host", "--", "--version"].map(String::from).to_vec()).unwrap();
+    /// assert_eq!(line.dest_and_command(), ["host", "--", "--version"]);
+    /// let line = SshLine::parse(["host", "uptime"].map(String::from).to_vec()).unwrap();
+    /// assert_eq!(line.dest_and_command(), ["host", "uptime"]);
+    /// ```
+    pub fn dest_and_command(&self) -> Vec<String> {
+        let mut words = vec![self.dest.clone()];
+        if self
+            .command
+            .first()
+            .is_some_and(|word| word.starts_with('-'))
+        {
+            words.push("--".into());
+        }
+        words.extend(self.command.iter().cloned());
+        words
+    }
+
     /// The ProxyCommand that carries the session: `exe connect --stdio --via-ssh DEST ... %p`,
     /// each word quoted for the shell ssh runs it with, and `%` escaped from ssh's expansion.
     ///
@@ -235,8 +259,7 @@ pub fn run(args: SshArgs) -> Result<(), CliError> {
         .arg("-o")
         .arg(format!("ProxyCommand={proxy_command}"))
         .args(&line.session)
-        .arg(&line.dest)
-        .args(&line.command);
+        .args(line.dest_and_command());
     let err = outer.exec();
     Err(CliError::Other(format!(
         "cannot run {}: {err}",
