@@ -53,6 +53,29 @@ fn ask(mut child: Child, request: &str) -> String {
     out
 }
 
+/// Sends `request` through a relay and returns the agent's one-line answer, keeping the relay
+/// (and so the connection to the agent) open: a stream's client that is still there.
+fn ask_and_stay(mut child: Child, request: &str) -> (Child, String) {
+    child
+        .stdin
+        .as_mut()
+        .unwrap()
+        .write_all(request.as_bytes())
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    // Byte by byte up to the newline (kept, as `ask` keeps it): nothing else is to come yet.
+    while stdout.read(&mut byte).unwrap() == 1 {
+        line.push(byte[0]);
+        if byte[0] == b'\n' {
+            break;
+        }
+    }
+    child.stdout = Some(stdout);
+    (child, String::from_utf8(line).unwrap())
+}
+
 fn info(child: Child) -> String {
     ask(child, "immortal/1 info\n")
 }
@@ -110,10 +133,13 @@ fn racing_relays_leave_one_agent() {
     let service = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = service.local_addr().unwrap().port();
     // All started before any asks: each finds no agent and races to start one. Each creates
-    // a stream, which the agent holds (so it cannot go idle meanwhile).
+    // a stream and stays, so the agent holds it (and cannot go idle meanwhile).
     let relays: Vec<Child> = (0..4).map(|_| relay(&dir, "10m")).collect();
     let request = format!("immortal/1 new {port}\n");
-    let mut ids: Vec<String> = relays.into_iter().map(|r| ask(r, &request)).collect();
+    let (relays, mut ids): (Vec<Child>, Vec<String>) = relays
+        .into_iter()
+        .map(|r| ask_and_stay(r, &request))
+        .unzip();
     for id in &ids {
         assert!(
             id.starts_with("ok ") && id.len() == 36,
@@ -135,6 +161,30 @@ fn racing_relays_leave_one_agent() {
     assert!(
         !dir.join("agent.sock").exists(),
         "the agent left its socket"
+    );
+    // The relays end with their agent.
+    for mut relay in relays {
+        relay.wait().unwrap();
+    }
+}
+
+/// A stream created through a relay whose client leaves before the session's first handshake
+/// can never be attached (its first session was to come on that connection): the agent drops
+/// it, and with nothing else held exits once idle, instead of keeping it, and itself, for the
+/// day of the stream's time to live.
+#[test]
+fn a_stream_whose_creator_left_before_its_handshake_is_dropped() {
+    let base = tempfile::tempdir().unwrap();
+    let dir = base.path().join("rt");
+    let service = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = service.local_addr().unwrap().port();
+    let answer = ask(relay(&dir, "1s"), &format!("immortal/1 new {port}\n"));
+    assert!(answer.starts_with("ok "), "{answer:?}");
+    wait_for_agent_exit(&dir);
+    let log = std::fs::read_to_string(dir.join("agent.log")).unwrap();
+    assert!(
+        log.contains("its creator left before the session's first handshake"),
+        "agent log:\n{log}"
     );
 }
 

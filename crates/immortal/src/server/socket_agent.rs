@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::metrics::Metrics;
-use super::registry::{CreateError, Registry};
+use super::registry::{CreateError, Registry, RemovalReason};
 use super::upgrade::attach;
 use crate::runtime_dir::{FileLock, RuntimeDir, RuntimeDirError};
 use crate::socket_proto::{self, ErrorCode, Reply, Request};
@@ -321,6 +321,7 @@ async fn serve(
             return;
         }
     };
+    let creating = matches!(request, Request::New { .. });
     let stream = match request {
         Request::Info => {
             let info = format!(
@@ -369,6 +370,14 @@ async fn serve(
     shutdown
         .run_until_cancelled(attach(&stream, io, None, timeout, &metrics))
         .await;
+    if creating && stream.awaits_first_session() {
+        // Its first session was to come on this connection, and did not: nobody can ever
+        // attach it, so it goes now rather than at the end of its time to live.
+        registry.remove(
+            stream.id(),
+            RemovalReason::Failed("its creator left before the session's first handshake".into()),
+        );
+    }
 }
 
 fn error(code: ErrorCode, message: String) -> Reply {

@@ -173,6 +173,12 @@ impl Stream {
         lock(&self.first_session).take()
     }
 
+    /// Whether no new-session handshake has succeeded or is under way: the stream has never
+    /// had a session.
+    pub(crate) fn awaits_first_session(&self) -> bool {
+        lock(&self.first_session).is_some()
+    }
+
     /// Returns an unused claim, so a later new-session handshake may try again.
     pub(crate) fn unclaim(&self, claim: oneshot::Sender<Session>) {
         *lock(&self.first_session) = Some(claim);
