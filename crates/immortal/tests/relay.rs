@@ -206,3 +206,36 @@ fn an_idle_relay_started_agent_exits() {
         "agent log:\n{log}"
     );
 }
+
+/// A relay that finds no socket while an agent still holds the directory (one exiting after
+/// its idle time: its socket removed, its lock not yet released) tries again, and starts the
+/// next agent once the lock is free, instead of failing the connection.
+#[test]
+fn a_relay_waits_out_an_agent_that_is_exiting() {
+    let base = tempfile::tempdir().unwrap();
+    let dir = base.path().join("rt");
+    // The directory as an agent leaves it, with no agent running.
+    assert!(info(relay(&dir, "1s")).starts_with("ok pid="));
+    wait_for_agent_exit(&dir);
+    // An agent that is exiting: the lock held, no socket.
+    let exiting = FileLock::acquire(&dir.join("agent.lock")).unwrap();
+    let child = relay(&dir, "1s");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(info(child));
+    });
+    // The relay's first agent found the lock taken and said so in the log.
+    let log = dir.join("agent.log");
+    let deadline = std::time::Instant::now() + OVERALL;
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("an agent already runs")
+    {
+        assert!(std::time::Instant::now() < deadline, "no refused start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(exiting);
+    let answer = rx.recv_timeout(OVERALL).expect("the relay never answered");
+    assert!(answer.starts_with("ok pid="), "{answer:?}");
+    wait_for_agent_exit(&dir);
+}

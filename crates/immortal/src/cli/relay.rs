@@ -51,19 +51,43 @@ pub fn run(args: RelayArgs) -> Result<(), CliError> {
     relay(socket).map_err(|err| CliError::Other(format!("relaying failed: {err}")))
 }
 
+/// How many times a relay starts an agent that finds another one still running (one that is
+/// exiting: it has removed its socket and not yet released its lock), and how long it waits
+/// before each new try.
+const START_TRIES: u32 = 10;
+const START_RETRY: Duration = Duration::from_millis(200);
+
 /// The agent's socket, connected; the agent is started first if none answers. Relays that
 /// find no agent take turns (a lock file), so only the first starts one and the others find it.
 fn connect_or_start(dir: &RuntimeDir, idle_exit: Duration) -> Result<UnixStream, CliError> {
-    if let Ok(socket) = UnixStream::connect(dir.socket()) {
-        return Ok(socket);
+    let mut tries = 0;
+    loop {
+        if let Ok(socket) = UnixStream::connect(dir.socket()) {
+            return Ok(socket);
+        }
+        let lock_path = dir.start_lock();
+        let starting = FileLock::acquire(&lock_path).map_err(|err| {
+            CliError::Other(format!("cannot lock {}: {err}", lock_path.display()))
+        })?;
+        if let Ok(socket) = UnixStream::connect(dir.socket()) {
+            return Ok(socket);
+        }
+        tries += 1;
+        match start_agent(dir, idle_exit)? {
+            Started::Listening => break,
+            Started::AnotherRuns if tries < START_TRIES => {
+                drop(starting);
+                std::thread::sleep(START_RETRY);
+            }
+            Started::AnotherRuns => {
+                return Err(CliError::Other(format!(
+                    "another agent holds {} but does not answer on {}",
+                    dir.agent_lock().display(),
+                    dir.socket().display()
+                )))
+            }
+        }
     }
-    let lock_path = dir.start_lock();
-    let _starting = FileLock::acquire(&lock_path)
-        .map_err(|err| CliError::Other(format!("cannot lock {}: {err}", lock_path.display())))?;
-    if let Ok(socket) = UnixStream::connect(dir.socket()) {
-        return Ok(socket);
-    }
-    start_agent(dir, idle_exit)?;
     UnixStream::connect(dir.socket()).map_err(|err| {
         CliError::Other(format!(
             "the agent started but its socket {} does not answer: {err}",
@@ -72,9 +96,17 @@ fn connect_or_start(dir: &RuntimeDir, idle_exit: Duration) -> Result<UnixStream,
     })
 }
 
+/// What became of an agent a relay started.
+enum Started {
+    /// It listens.
+    Listening,
+    /// It found another agent holding the directory, and exited.
+    AnotherRuns,
+}
+
 /// Starts `immortal agent` detached (its own process group, stdio away from the carrier, its
 /// log in the directory) and waits until it listens.
-fn start_agent(dir: &RuntimeDir, idle_exit: Duration) -> Result<(), CliError> {
+fn start_agent(dir: &RuntimeDir, idle_exit: Duration) -> Result<Started, CliError> {
     let failed = |what: &str, err: io::Error| CliError::Other(format!("{what}: {err}"));
     let exe = std::env::current_exe().map_err(|err| failed("cannot find this program", err))?;
     let log_path = dir.log();
@@ -109,10 +141,15 @@ fn start_agent(dir: &RuntimeDir, idle_exit: Duration) -> Result<(), CliError> {
     let read = BufReader::new(stdout).read_line(&mut line);
     if read.is_ok() && line.starts_with("listening on ") {
         // Not waited for: the agent outlives this relay.
-        return Ok(());
+        return Ok(Started::Listening);
     }
-    let status = child
-        .wait()
+    let status = child.wait();
+    if let Ok(status) = &status {
+        if status.code() == Some(i32::from(super::agent::ALREADY_RUNNING)) {
+            return Ok(Started::AnotherRuns);
+        }
+    }
+    let status = status
         .map(|s| s.to_string())
         .unwrap_or_else(|err| err.to_string());
     Err(CliError::Other(format!(
