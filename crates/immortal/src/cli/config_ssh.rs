@@ -260,6 +260,7 @@ pub fn run(args: ConfigSshArgs) -> Result<(), CliError> {
     } else {
         let exe = std::env::current_exe()
             .map_err(|err| CliError::Other(format!("cannot find this program: {err}")))?;
+        let exe = on_path(&exe, std::env::var_os("PATH").as_deref()).unwrap_or(exe);
         let exe = exe
             .to_str()
             .ok_or_else(|| CliError::Other(format!("{} is not valid text", exe.display())))?
@@ -302,6 +303,18 @@ pub fn run(args: ConfigSshArgs) -> Result<(), CliError> {
     };
     eprintln!("immortal: {} {verb} for {which}{kept}", path.display());
     Ok(())
+}
+
+/// The first `immortal` on `path_var` if it is `exe` (the same file, perhaps through a link),
+/// as found there: a link that a package manager repoints at each upgrade (`~/.nix-profile/bin`,
+/// Homebrew's `bin`) keeps working after the version `exe` resolves to is gone.
+fn on_path(exe: &Path, path_var: Option<&std::ffi::OsStr>) -> Option<PathBuf> {
+    let name = exe.file_name()?;
+    let real = fs::canonicalize(exe).ok()?;
+    let found = std::env::split_paths(path_var?)
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())?;
+    (found.is_absolute() && fs::canonicalize(&found).ok()? == real).then_some(found)
 }
 
 /// Writes `path` through a temporary file in the same directory renamed over it, keeping its
@@ -389,6 +402,29 @@ mod tests {
             assert_eq!(remove_hosts(&added, &[]).unwrap(), original);
             assert_eq!(remove_hosts(original, &[]).unwrap(), original);
         }
+    }
+
+    #[test]
+    fn the_program_is_named_as_found_on_the_path_when_it_is_the_same_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("store/v1");
+        let bin = dir.path().join("profile/bin");
+        fs::create_dir_all(&store).unwrap();
+        fs::create_dir_all(&bin).unwrap();
+        let real = store.join("immortal");
+        fs::write(&real, "").unwrap();
+        std::os::unix::fs::symlink(&real, bin.join("immortal")).unwrap();
+        let other = dir.path().join("other");
+        fs::create_dir_all(&other).unwrap();
+        fs::write(other.join("immortal"), "").unwrap();
+        let path = |dirs: &[&Path]| std::env::join_paths(dirs).unwrap();
+        assert_eq!(
+            on_path(&real, Some(&path(&[&bin]))),
+            Some(bin.join("immortal"))
+        );
+        // The first on the PATH is another program: not that one.
+        assert_eq!(on_path(&real, Some(&path(&[&other, &bin]))), None);
+        assert_eq!(on_path(&real, None), None);
     }
 
     #[test]
