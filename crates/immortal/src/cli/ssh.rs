@@ -65,7 +65,7 @@ pub struct SshLine {
     pub session: Vec<String>,
     /// Options for the carriers.
     pub carrier: Vec<String>,
-    /// The destination.
+    /// The destination (empty for a query that connects nowhere: `-V`, `-Q`).
     pub dest: String,
     /// The remote command and its arguments, if any.
     pub command: Vec<String>,
@@ -147,7 +147,14 @@ impl SshLine {
                 break;
             }
         }
-        line.dest = dest.ok_or("no destination: immortal ssh [OPTIONS] DEST [COMMAND]")?;
+        let Some(dest) = dest else {
+            // `ssh -V` and `ssh -Q WHAT` answer and connect nowhere: no destination needed.
+            if line.session.iter().any(|word| word == "-V" || word == "-Q") {
+                return Ok(line);
+            }
+            return Err("no destination: immortal ssh [OPTIONS] DEST [COMMAND]".into());
+        };
+        line.dest = dest;
         if line.dest.starts_with('-') {
             return Err(format!("{:?} is not a destination", line.dest));
         }
@@ -243,6 +250,14 @@ impl SshLine {
 pub fn run(args: SshArgs) -> Result<(), CliError> {
     let line = SshLine::parse(args.args).map_err(CliError::Other)?;
     let ssh = SshCommand::from_env().map_err(|err| CliError::Other(err.to_string()))?;
+    if line.dest.is_empty() {
+        // A query (-V, -Q): ssh answers it.
+        let err = ssh.command().args(&line.session).exec();
+        return Err(CliError::Other(format!(
+            "cannot run {}: {err}",
+            ssh.program()
+        )));
+    }
     let exe = std::env::current_exe()
         .map_err(|err| CliError::Other(format!("cannot find this program: {err}")))?;
     if line.install {
@@ -454,6 +469,16 @@ mod tests {
         assert!(parse(&["--", "-h"])
             .unwrap_err()
             .contains("not a destination"));
+        assert!(parse(&["-v"]).unwrap_err().contains("no destination"));
+    }
+
+    #[test]
+    fn queries_need_no_destination() {
+        for query in [&["-V"][..], &["-Q", "cipher"]] {
+            let line = parse(query).unwrap();
+            assert_eq!(line.dest, "");
+            assert_eq!(line.session, query);
+        }
     }
 
     #[test]
