@@ -127,6 +127,9 @@ struct Path {
     /// A probe asked for ([`Connection::probe_path`]): the bound within which the peer must be
     /// heard from, counted once the PING is in the transport's hands.
     probe: Option<Duration>,
+    /// A probe's PING encoded: the bytes of `out` up to its end, and the bound, which starts
+    /// once the transport has taken them.
+    probe_ping: Option<(usize, Duration)>,
 }
 
 impl Path {
@@ -141,12 +144,27 @@ impl Path {
             pong_due: None,
             ping_due: false,
             probe: None,
+            probe_ping: None,
         }
     }
 
     fn at_frame_boundary(&self) -> bool {
         self.out.is_empty() && self.payload.is_none()
     }
+}
+
+/// The shortest and longest duration a timer is set for: a zero one would fire again at the
+/// instant it fired (the caller's loop spinning), and one near [`Duration::MAX`] would
+/// overflow an [`Instant`]. Settings outside are taken as these.
+const MIN_TIMER: Duration = Duration::from_millis(1);
+const MAX_TIMER: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+/// The most bytes between acknowledgements taken from the settings (the window counts in
+/// multiples of it).
+const MAX_ACK_EVERY: u64 = 1 << 48;
+
+/// `d` within [`MIN_TIMER`] and [`MAX_TIMER`].
+fn timer_duration(d: Duration) -> Duration {
+    d.clamp(MIN_TIMER, MAX_TIMER)
 }
 
 /// One session, sans-IO: the stream's state across every transport that carries it.
@@ -229,15 +247,16 @@ impl Connection {
     /// [`Error::InvalidCapacity`] if the options' buffer capacity is zero.
     pub fn new(side: Side, id: SessionId, options: &SessionOptions, now: Instant) -> Result<Self> {
         let timing = &options.timing;
+        let ack_every = timing.ack_every.clamp(1, MAX_ACK_EVERY);
         let mut conn = Connection {
             side,
             id,
-            heartbeat_interval: timing.heartbeat_interval,
-            dead_after: timing.dead_after,
-            ack_every: timing.ack_every,
-            ack_delay: timing.ack_delay,
-            ttl: options.ttl,
-            send: Send::new(options.pipe.capacity(), timing.ack_every)?,
+            heartbeat_interval: timer_duration(timing.heartbeat_interval),
+            dead_after: timer_duration(timing.dead_after),
+            ack_every,
+            ack_delay: timer_duration(timing.ack_delay),
+            ttl: timer_duration(options.ttl),
+            send: Send::new(options.pipe.capacity(), ack_every)?,
             recv: Recv::new(options.receive_limit),
             lifecycle: Lifecycle::Open,
             path: None,
@@ -433,6 +452,7 @@ impl Connection {
         if self.timers.get(Timer::Idle).is_none() {
             return false;
         }
+        let within = timer_duration(within);
         path.ping_due = true;
         path.probe = Some(path.probe.map_or(within, |p| p.min(within)));
         true
@@ -611,7 +631,10 @@ impl Connection {
                     code: close.code(),
                     reason: close.reason().to_owned(),
                 };
-                if error.is_terminal() {
+                if self.lifecycle.closed_locally() {
+                    // Both ends closed at once: ours is as done as if it had been answered.
+                    self.finish_closing();
+                } else if error.is_terminal() {
                     self.end(now, error);
                 } else {
                     // The peer is dropping this transport only: resume.
@@ -868,6 +891,16 @@ impl Connection {
             return;
         }
         let from_head = n.min(path.out.len());
+        if let Some((left, within)) = path.probe_ping {
+            if from_head >= left {
+                path.probe_ping = None;
+                if let Some(deadline) = self.timers.get(Timer::Idle) {
+                    self.timers.set(Timer::Idle, deadline.min(now + within));
+                }
+            } else {
+                path.probe_ping = Some((left - from_head, within));
+            }
+        }
         path.out.advance(from_head);
         if path.out.is_empty() {
             path.out.clear();
@@ -913,11 +946,9 @@ impl Connection {
         if std::mem::take(&mut path.ping_due) {
             Frame::ping(self.next_ping).encode(&mut path.out);
             self.next_ping = self.next_ping.wrapping_add(1);
-            // Prepared at a frame boundary: the transport took everything before it.
-            if let (Some(within), Some(deadline)) =
-                (path.probe.take(), self.timers.get(Timer::Idle))
-            {
-                self.timers.set(Timer::Idle, deadline.min(now + within));
+            if let Some(within) = path.probe.take() {
+                // Its bound starts once the transport has taken the PING (`on_transmitted`).
+                path.probe_ping = Some((path.out.len(), within));
             }
         }
         if let Some(close) = self.close_frame.take() {

@@ -743,3 +743,96 @@ fn control_frames_and_events_stay_bounded_whatever_is_received() {
     assert!(transmit.len() <= 3 * 13, "{} bytes queued", transmit.len());
     assert!(pair.events(Side::Client).len() <= Event::ALL.len());
 }
+
+/// Runs `f` on a thread of its own and says whether it returned within a few seconds (a
+/// spinning loop never would).
+fn returns(f: impl FnOnce() + std::marker::Send + 'static) -> bool {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        f();
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(Duration::from_secs(5)).is_ok()
+}
+
+#[test]
+fn settings_out_of_range_neither_spin_nor_overflow() {
+    use crate::session::SessionConfig;
+    // A zero heartbeat would re-arm its timer at the instant it fired.
+    let zero_heartbeat = options().timing(SessionConfig {
+        heartbeat_interval: Duration::ZERO,
+        ..SessionConfig::default()
+    });
+    assert!(returns(move || {
+        let mut pair = Pair::new(&zero_heartbeat);
+        let now = pair.now;
+        pair.client.conn.handle_timeout(now);
+    }));
+    // So would a zero liveness bound while this side's receive buffer is full.
+    let zero_dead_after = options().receive_limit(1024).timing(SessionConfig {
+        dead_after: Duration::ZERO,
+        ..SessionConfig::default()
+    });
+    assert!(returns(move || {
+        let mut pair = Pair::new(&zero_dead_after);
+        let now = pair.now;
+        let frame = Frame::data(vec![0u8; 2048]).to_vec();
+        pair.server.conn.handle_input(now, &frame);
+        pair.server.conn.handle_timeout(now);
+    }));
+    // Huge values: no overflow of the window's arithmetic or of an Instant.
+    let huge = options()
+        .timing(SessionConfig {
+            ack_every: u64::MAX,
+            ..SessionConfig::default()
+        })
+        .ttl(Duration::MAX);
+    let mut pair = Pair::new(&huge);
+    let now = pair.now;
+    pair.client.conn.write(now, b"x").unwrap();
+    assert!(pair.client.conn.probe_path(Duration::MAX));
+    pair.drive();
+}
+
+#[test]
+fn a_probe_whose_ping_the_transport_has_not_taken_has_not_started() {
+    let mut pair = Pair::new(&options());
+    pair.advance(100 * MS);
+    pair.events(Side::Client);
+    let now = pair.now;
+    assert!(pair.client.conn.probe_path(500 * MS));
+    // The PING is encoded but the transport takes nothing.
+    assert!(pair.client.conn.poll_transmit(now).is_some());
+    pair.client.conn.handle_timeout(now + 600 * MS);
+    assert!(
+        pair.client.conn.has_path(),
+        "declared dead by a probe whose PING never left"
+    );
+    // Once taken, the bound runs from then.
+    let taken = now + 700 * MS;
+    let mut wire = Vec::new();
+    pair.client.conn.poll_transmit_into(taken, &mut wire);
+    pair.client.conn.handle_timeout(taken + 400 * MS);
+    assert!(pair.client.conn.has_path());
+    pair.client.conn.handle_timeout(taken + 500 * MS);
+    assert!(
+        !pair.client.conn.has_path(),
+        "the probe's bound passed unanswered"
+    );
+}
+
+#[test]
+fn closes_that_cross_end_both_sides_as_closed() {
+    let mut pair = Pair::new(&options());
+    let now = pair.now;
+    pair.client.conn.close(now, CloseCode::Normal, "bye");
+    pair.server.conn.close(now, CloseCode::Normal, "bye");
+    // The server's CLOSE reaches the client before the client's own has left.
+    let mut wire = Vec::new();
+    pair.server.conn.poll_transmit_into(now, &mut wire);
+    pair.client.conn.handle_input(now, &wire);
+    let mut buf = [0u8; 8];
+    assert!(matches!(pair.client.conn.read(now, &mut buf), Ok(Some(0))));
+    assert!(pair.client.conn.is_ended());
+    assert!(pair.client.conn.error().is_none());
+}
