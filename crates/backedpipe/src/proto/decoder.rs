@@ -57,7 +57,8 @@ pub struct FrameDecoder {
     state: ReadState,
     error: Option<DecodeError>,
     /// Before the handshake ends only handshake frames and CLOSE are accepted, so a peer that
-    /// has proved nothing can make us buffer no more than one of those (at most 265 bytes).
+    /// has proved nothing can make us buffer no more than one of those (at most 265 bytes)
+    /// beyond one read.
     handshake: bool,
 }
 

@@ -31,7 +31,8 @@ const DEFAULT_RECEIVE_LIMIT: usize = 1024 * 1024;
 /// CLOSE: under 300 bytes in all), and a few KiB of fixed state and its driver task. With the
 /// defaults that is 64 MiB + 1 MiB + 32 KiB + a few KiB; an idle connected session measures
 /// about 13 KiB (`bpbench memory`: 25.5 KiB per connected pair). Before its handshake, a
-/// transport can make a server buffer at most one handshake frame (265 bytes).
+/// transport can make a server buffer at most one 4 KiB read and one handshake frame (265
+/// bytes).
 ///
 /// ```
 /// use std::time::Duration;
