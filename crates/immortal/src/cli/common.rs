@@ -140,8 +140,9 @@ pub fn session_options(heartbeat: Duration) -> SessionOptions {
             ..SessionConfig::default()
         })
         .pipe(PipeConfig::default().backoff(Duration::from_millis(100), BACKOFF_CAP))
-        // The connector bounds each attempt itself (ATTEMPT_TIMEOUT) and may pause first.
-        .connect_timeout(crate::client::SLOW_PACE + crate::client::ATTEMPT_TIMEOUT * 2)
+        // The connector bounds each attempt itself (at most MAX_ATTEMPT_TIMEOUT) and may
+        // pause first.
+        .connect_timeout(crate::client::SLOW_PACE + crate::client::MAX_ATTEMPT_TIMEOUT * 2)
 }
 
 /// Parses a duration option: a humantime duration (`30s`, `10m`, `24h`) within

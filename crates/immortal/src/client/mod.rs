@@ -23,5 +23,6 @@ pub use self::ssh::{
     CARRIER_LINGER, SSH_COMMAND_ENV,
 };
 pub use self::stream::{
-    Carrier, GoneSignal, StreamConnector, ATTEMPT_TIMEOUT, FAST_PHASE, SLOW_PACE,
+    Carrier, GoneSignal, StreamConnector, ATTEMPT_TIMEOUT, FAST_PHASE, MAX_ATTEMPT_TIMEOUT,
+    SLOW_PACE,
 };

@@ -72,6 +72,34 @@ pub struct StreamConnector {
     network: watch::Receiver<u64>,
     /// Since when attempts have been failing (`None` while connected or never tried).
     outage: Mutex<Option<Instant>>,
+    /// How long attempts have taken, for the next one's budget.
+    history: Mutex<AttemptHistory>,
+}
+
+/// What past attempts say about the path to the agent.
+#[derive(Debug, Default, Clone, Copy)]
+struct AttemptHistory {
+    /// The longest a successful attempt took (`None` before the first).
+    slowest_success: Option<Duration>,
+    /// Attempts abandoned at their budget since the last success.
+    timeouts: u32,
+}
+
+impl AttemptHistory {
+    /// How long the next attempt may take: the whole [`MAX_ATTEMPT_TIMEOUT`] before any has
+    /// succeeded (the path's delay is unknown); then four times the slowest success, at least
+    /// [`ATTEMPT_TIMEOUT`], doubled for each attempt abandoned in a row, at most
+    /// [`MAX_ATTEMPT_TIMEOUT`]. A slow path (a satellite link, a congested uplink: a TLS
+    /// handshake and an upgrade take four round trips) keeps resuming, and a fast one notices a
+    /// hung dial in seconds.
+    fn budget(&self) -> Duration {
+        let Some(slowest) = self.slowest_success else {
+            return MAX_ATTEMPT_TIMEOUT;
+        };
+        let base = (slowest * 4).max(ATTEMPT_TIMEOUT);
+        base.saturating_mul(1 << self.timeouts.min(8))
+            .min(MAX_ATTEMPT_TIMEOUT)
+    }
 }
 
 /// How long after the start of an outage attempts follow each other as fast as the session's
@@ -84,9 +112,15 @@ pub const FAST_PHASE: Duration = Duration::from_secs(3 * 60);
 /// the network changes meanwhile: a long outage costs the agent and the network little.
 pub const SLOW_PACE: Duration = Duration::from_secs(4);
 
-/// The longest one attempt (dial, TLS, the upgrade) may take before it is abandoned; an
-/// attempt in progress is also abandoned, and a new one started, when the network changes.
+/// The shortest time one attempt (dial, TLS, the upgrade) is given before it is abandoned, on
+/// a path that has answered quickly before; an attempt in progress is also abandoned, and a
+/// new one started, when the network changes. See [`MAX_ATTEMPT_TIMEOUT`].
 pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The longest one attempt is given: the first one, before the path's delay is known, and
+/// later ones on a slow path or after attempts that ran out of time (each doubles the next
+/// one's budget, from four times the slowest success or [`ATTEMPT_TIMEOUT`]).
+pub const MAX_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(15);
 
 impl StreamConnector {
     /// A connector for `stream`, as the agent `api` talks to answered its creation: every
@@ -105,6 +139,7 @@ impl StreamConnector {
             gone: Arc::new(watch::Sender::new(None)),
             network: network_changes(),
             outage: Mutex::new(None),
+            history: Mutex::new(AttemptHistory::default()),
         }
     }
 
@@ -116,7 +151,7 @@ impl StreamConnector {
     }
 
     /// One attempt, paced and restarted as the outage so far calls for: see [`FAST_PHASE`],
-    /// [`SLOW_PACE`] and [`ATTEMPT_TIMEOUT`].
+    /// [`SLOW_PACE`], [`ATTEMPT_TIMEOUT`] and [`MAX_ATTEMPT_TIMEOUT`].
     async fn attempt(&self) -> Result<BoxIo, ClientError> {
         let mut network = self.network.clone();
         network.borrow_and_update();
@@ -133,7 +168,13 @@ impl StreamConnector {
             }
         }
         loop {
-            let attempt = tokio::time::timeout(ATTEMPT_TIMEOUT, self.open());
+            let budget = self
+                .history
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .budget();
+            let started = Instant::now();
+            let attempt = tokio::time::timeout(budget, self.open());
             let result = if outage.is_some() {
                 tokio::select! {
                     result = attempt => result,
@@ -146,10 +187,22 @@ impl StreamConnector {
             } else {
                 attempt.await
             };
+            {
+                let mut history = self.history.lock().unwrap_or_else(PoisonError::into_inner);
+                match &result {
+                    Ok(Ok(_)) => {
+                        let took = started.elapsed();
+                        history.slowest_success = history.slowest_success.max(Some(took));
+                        history.timeouts = 0;
+                    }
+                    Ok(Err(_)) => {}
+                    Err(_) => history.timeouts = history.timeouts.saturating_add(1),
+                }
+            }
             let result = result.unwrap_or_else(|_| {
                 Err(ClientError::Unreachable {
                     server: self.api.server().to_string(),
-                    reason: format!("no answer within {} s", ATTEMPT_TIMEOUT.as_secs()),
+                    reason: format!("no answer within {} s", budget.as_secs()),
                 })
             });
             let mut outage = self.outage.lock().unwrap_or_else(PoisonError::into_inner);
@@ -300,6 +353,25 @@ fn random_fraction() -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_attempts_budget_follows_the_paths_delay() {
+        let secs = Duration::from_secs;
+        let history = |slowest: Option<u64>, timeouts| AttemptHistory {
+            slowest_success: slowest.map(Duration::from_millis),
+            timeouts,
+        };
+        // Nothing known yet: all of it.
+        assert_eq!(history(None, 0).budget(), MAX_ATTEMPT_TIMEOUT);
+        // A fast path: the floor; a slow one (1.6 s for TLS and the upgrade): four times that.
+        assert_eq!(history(Some(20), 0).budget(), ATTEMPT_TIMEOUT);
+        assert_eq!(history(Some(1600), 0).budget(), Duration::from_millis(6400));
+        // Attempts that ran out of time double it, up to the most.
+        assert_eq!(history(Some(20), 1).budget(), secs(6));
+        assert_eq!(history(Some(20), 2).budget(), secs(12));
+        assert_eq!(history(Some(20), 3).budget(), MAX_ATTEMPT_TIMEOUT);
+        assert_eq!(history(Some(20), u32::MAX).budget(), MAX_ATTEMPT_TIMEOUT);
+    }
     use crate::client::TlsTrust;
     use crate::token::Token;
 
@@ -337,6 +409,8 @@ mod tests {
         let (network_tx, network) = watch::channel(0u64);
         let connector =
             StreamConnector::new(api, &info, Carrier::Upgrade).with_network_changes(network);
+        // A path known to answer fast: attempts get the shortest budget.
+        connector.history.lock().unwrap().slowest_success = Some(Duration::from_millis(1));
         // The first attempt fails by its timeout: an outage has begun.
         assert!(connector.connect().await.is_err());
         let _first = accepted.recv().await.unwrap();
