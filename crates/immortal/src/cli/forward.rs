@@ -97,6 +97,12 @@ pub async fn run(args: ForwardArgs) -> Result<(), CliError> {
     // Fail now, with the right exit code, if the agent is unreachable or refuses the token,
     // rather than at the first connection.
     api.list().await?;
+    // Each forwarded connection holds two descriptors (its local connection and its transport
+    // to the agent): a shell's soft limit of 1,024 would cap it at about 500.
+    #[cfg(unix)]
+    if let Err(err) = rlimit::increase_nofile_limit(u64::MAX) {
+        tracing::warn!(%err, "cannot raise the open-file limit");
+    }
     let listener = TcpListener::bind(args.spec.local)
         .await
         .map_err(|err| CliError::Other(format!("cannot listen on {}: {err}", args.spec.local)))?;
@@ -123,7 +129,12 @@ pub async fn run(args: ForwardArgs) -> Result<(), CliError> {
                     };
                     connections.spawn(forward.run(tcp));
                 }
-                Err(err) => tracing::warn!(%err, "accepting a connection failed"),
+                Err(err) => {
+                    // Out of descriptors, say: the same error would come back at once, so give
+                    // the connections that hold them a moment to finish.
+                    tracing::warn!(%err, "accepting a connection failed");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                }
             },
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             signal = termination() => break signal,
@@ -141,6 +152,9 @@ pub async fn run(args: ForwardArgs) -> Result<(), CliError> {
     }
     Ok(())
 }
+
+/// How long `forward` waits after a failed accept before it accepts again.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 /// One forwarded connection.
 struct Forwarding {
