@@ -750,8 +750,10 @@ async fn a_raw_upgrade_carries_both_ways_and_the_service_close_ends_the_stream()
     assert_eq!(info.bytes_to_service, 5);
     assert_eq!(info.bytes_from_service, reply.len() as u64);
 
-    // The client finishes its direction too: the stream is done and gone.
+    // The client finishes its direction too, and closes the session once it has read the end:
+    // the stream is done and gone.
     session.shutdown().await.unwrap();
+    session.close().await.unwrap();
     assert_eq!(agent.removed(&stream.id).await, RemovalReason::Ended);
     assert!(agent.list().await.is_empty());
 }

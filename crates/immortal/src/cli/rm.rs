@@ -6,7 +6,8 @@ use super::common::ClientArgs;
 use super::CliError;
 use crate::client::ClientError;
 
-/// Delete a stream (its client gets end-of-stream... or an error if it was mid-transfer).
+/// Delete a stream: its local connection is closed, and its client told the stream is closed
+/// (`immortal connect` then exits 4, as for a stream that is gone).
 ///
 /// ID is the stream's id or any prefix of it that no other stream's id starts with (an
 /// ambiguous prefix is refused, naming the streams it matches). Exits 4 if no stream matches.

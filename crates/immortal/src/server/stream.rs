@@ -354,10 +354,16 @@ impl Stream {
         }
     }
 
-    /// Waits until the client has acknowledged every byte sent, the session ends, or `limit`
-    /// passes.
+    /// Waits until the client has everything, the end of the stream included, which it says
+    /// by closing the session (`connect` and `forward` close once they have read the end), or
+    /// the session ends otherwise, or `limit` passes. Acknowledged bytes alone do not say it: a
+    /// FIN is not acknowledged, and a path lost just after it would leave the client resuming
+    /// a stream that is gone.
     async fn drain(&self, session: &Session, limit: Duration) {
-        let _ = tokio::time::timeout(limit, session.acknowledged()).await;
+        let mut status = session.status();
+        let ended =
+            status.wait_for(|state| matches!(state, PipeState::Closed | PipeState::Failed(_)));
+        let _ = tokio::time::timeout(limit, ended).await;
     }
 
     fn status(&self) -> MutexGuard<'_, Status> {
