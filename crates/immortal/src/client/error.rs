@@ -149,7 +149,10 @@ impl ClientError {
     }
 
     /// The error an error response stands for: the JSON body's code when there is one,
-    /// otherwise the status alone.
+    /// otherwise the status alone, except that a 401, 403 or 404 without the agent's error body
+    /// is only [`ClientError::Http`]: those three end a stream for good
+    /// ([`ends_stream`](Self::ends_stream)), and a proxy's or a captive portal's error page in
+    /// the path must not.
     pub(crate) fn from_response(status: u16, body: &[u8]) -> Self {
         let parsed = serde_json::from_slice::<ErrorBody>(body).ok();
         let message = match &parsed {
@@ -158,12 +161,10 @@ impl ClientError {
         };
         let code = parsed.map(|body| body.error.code);
         match (code, status) {
-            (Some(ErrorCode::Unauthorized), _) | (None, 401) => ClientError::Unauthorized(message),
-            (Some(ErrorCode::StreamNotFound), _) | (None, 404) => ClientError::NotFound(message),
+            (Some(ErrorCode::Unauthorized), _) => ClientError::Unauthorized(message),
+            (Some(ErrorCode::StreamNotFound), _) => ClientError::NotFound(message),
             (Some(ErrorCode::DialFailed), _) | (None, 422) => ClientError::DialFailed(message),
-            (Some(ErrorCode::AttachRefused), _) | (None, 403) => {
-                ClientError::AttachRefused(message)
-            }
+            (Some(ErrorCode::AttachRefused), _) => ClientError::AttachRefused(message),
             (Some(ErrorCode::TooManyStreams), _) | (None, 503) => {
                 ClientError::TooManyStreams(message)
             }
@@ -240,9 +241,18 @@ mod tests {
 
     #[test]
     fn bodies_that_are_not_json_map_by_status() {
+        // Not the agent's refusal (a proxy's page, say): nothing that ends a stream.
+        for status in [401, 403, 404] {
+            let err = ClientError::from_response(status, b"<html>nope</html>");
+            assert!(
+                matches!(&err, ClientError::Http { status: s, message } if *s == status && message == "<html>nope</html>"),
+                "{err:?}"
+            );
+            assert!(!err.ends_stream());
+        }
         assert!(matches!(
-            ClientError::from_response(404, b"<html>nope</html>"),
-            ClientError::NotFound(m) if m == "<html>nope</html>"
+            ClientError::from_response(422, b"<html>nope</html>"),
+            ClientError::DialFailed(m) if m == "<html>nope</html>"
         ));
         assert!(matches!(
             ClientError::from_response(502, b""),
