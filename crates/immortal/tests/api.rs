@@ -882,6 +882,25 @@ async fn a_stream_never_attached_expires_after_the_ttl() {
     assert!(agent.list().await.is_empty());
 }
 
+/// A creator that never attaches (it died between the create and the upgrade) leaves its
+/// stream, and the stream's connection to the local service, for twelve handshake timeouts,
+/// not for the whole time to live.
+#[tokio::test]
+async fn a_stream_whose_creator_never_attaches_goes_long_before_its_ttl() {
+    let mut agent = start(|config| config.handshake_timeout = Duration::from_millis(100)).await;
+    let (port, mut accepted) = service().await;
+    let stream = agent.create(port).await;
+    let mut local = guarded("the agent's dial", accepted.recv()).await.unwrap();
+    assert_eq!(agent.removed(&stream.id).await, RemovalReason::Expired);
+    let mut rest = Vec::new();
+    guarded(
+        "the local connection to close",
+        local.read_to_end(&mut rest),
+    )
+    .await
+    .unwrap();
+}
+
 #[tokio::test]
 async fn a_second_new_session_is_refused_and_the_live_one_keeps_working() {
     let agent = start(|_| {}).await;

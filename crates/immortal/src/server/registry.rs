@@ -57,6 +57,10 @@ pub enum StreamEvent {
     },
 }
 
+/// A new stream's first attach must come within this many handshake timeouts (see
+/// [`Registry::first_attach_window`]).
+const FIRST_ATTACH_GRACES: u32 = 12;
+
 /// Why a stream was removed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -156,6 +160,18 @@ impl Registry {
     /// The time to live of a stream with no client attached.
     pub(crate) fn ttl(&self) -> Duration {
         self.inner.ttl
+    }
+
+    /// How long a new stream waits for its creator's first attach before it is dropped:
+    /// twelve handshake timeouts (two minutes by default), or the time to live if shorter. A
+    /// creator attaches at once, and gives up (deleting the stream) if it cannot within its
+    /// connect timeout; one that died in between would otherwise leave the stream, and its
+    /// connection to the local service, for the whole time to live.
+    pub(crate) fn first_attach_window(&self) -> Duration {
+        self.inner
+            .attach_grace
+            .saturating_mul(FIRST_ATTACH_GRACES)
+            .min(self.inner.ttl)
     }
 
     /// The stream with this id.

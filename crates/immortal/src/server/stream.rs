@@ -220,10 +220,11 @@ impl Stream {
         registry: &Registry,
     ) -> RemovalReason {
         let ttl = registry.ttl();
+        let window = registry.first_attach_window();
         let session = tokio::select! {
             _ = self.stop.cancelled() => return RemovalReason::AgentStopped,
-            _ = tokio::time::sleep(ttl) => {
-                tracing::info!(id = %self.id, "no client attached within the time to live");
+            _ = tokio::time::sleep(window) => {
+                tracing::info!(id = %self.id, ?window, "its creator did not attach in time");
                 return RemovalReason::Expired;
             }
             session = first_session => match session {
