@@ -291,9 +291,18 @@ impl SessionServer {
         };
         let (established, resumed) = verified.accept(server_offset);
         write_frame(io, &resumed).await?;
-        let io = std::mem::replace(io, Box::new(tokio::io::empty()));
+        let mut transport = Some(std::mem::replace(io, Box::new(tokio::io::empty())));
         let peer_offset = established.remote_reader_seq();
-        shared.with(|st, now| attach(st, now, attempt, decoder, peer_offset, io))?;
+        let attached =
+            shared.with(|st, now| attach(st, now, attempt, decoder, peer_offset, &mut transport));
+        if let Err(err) = attached {
+            if let (Error::PipeClosed, Some(mut transport)) = (&err, transport) {
+                // Closed while RESUMED was on its way: the CLOSE the session owes its client
+                // goes on this transport, as it would have in place of RESUMED.
+                send_close(&mut transport, Frame::close(CloseCode::Normal, "closed")).await;
+            }
+            return Err(err);
+        }
         tracing::debug!(session = %id, client = client_offset, server = server_offset, "session resumed");
         Ok(Accepted::Resumed(id))
     }
@@ -339,13 +348,15 @@ fn attach(
     attempt: u64,
     decoder: FrameDecoder,
     peer_offset: u64,
-    io: BoxIo,
+    io: &mut Option<BoxIo>,
 ) -> Result<()> {
     if st.latest_attempt != attempt {
         return Err(Error::ReconnectionInProgress);
     }
     st.conn.start_path(now, decoder, peer_offset)?;
-    st.attach(io);
+    if let Some(io) = io.take() {
+        st.attach(io);
+    }
     Ok(())
 }
 
@@ -412,21 +423,75 @@ mod tests {
         assert_eq!(detach(&mut st, now, 6, 0).unwrap(), 0);
         assert!(matches!(detach(&mut st, now, 5, 0), Err(Refusal::Stale(6))));
         assert!(matches!(
-            attach(&mut st, now, 5, FrameDecoder::handshake(), 0, transport()),
+            attach(
+                &mut st,
+                now,
+                5,
+                FrameDecoder::handshake(),
+                0,
+                &mut Some(transport())
+            ),
             Err(Error::ReconnectionInProgress)
         ));
-        attach(&mut st, now, 6, FrameDecoder::handshake(), 0, transport()).unwrap();
+        attach(
+            &mut st,
+            now,
+            6,
+            FrameDecoder::handshake(),
+            0,
+            &mut Some(transport()),
+        )
+        .unwrap();
         assert!(st.conn.has_path());
         assert_eq!(st.conn.generation(), 2);
         // The other order: 7 detaches, 8 takes over before 7 attaches; 7 then cannot attach.
         detach(&mut st, now, 7, 0).unwrap();
         detach(&mut st, now, 8, 0).unwrap();
         assert!(matches!(
-            attach(&mut st, now, 7, FrameDecoder::handshake(), 0, transport()),
+            attach(
+                &mut st,
+                now,
+                7,
+                FrameDecoder::handshake(),
+                0,
+                &mut Some(transport())
+            ),
             Err(Error::ReconnectionInProgress)
         ));
-        attach(&mut st, now, 8, FrameDecoder::handshake(), 0, transport()).unwrap();
+        attach(
+            &mut st,
+            now,
+            8,
+            FrameDecoder::handshake(),
+            0,
+            &mut Some(transport()),
+        )
+        .unwrap();
         assert_eq!(st.conn.generation(), 3);
+    }
+
+    /// A session closed between a resume's detach and its attach (while RESUMED was being
+    /// written) refuses the transport and hands it back, so the CLOSE it owes goes on it.
+    #[tokio::test]
+    async fn a_session_closed_during_a_resume_hands_the_transport_back() {
+        let shared = live_session();
+        let mut st = shared.lock();
+        let now = now();
+        detach(&mut st, now, 1, 0).unwrap();
+        st.conn.close(now, CloseCode::Normal, "closed");
+        let mut transport = Some(transport());
+        assert!(matches!(
+            attach(
+                &mut st,
+                now,
+                1,
+                FrameDecoder::handshake(),
+                0,
+                &mut transport
+            ),
+            Err(Error::PipeClosed)
+        ));
+        assert!(transport.is_some(), "the transport was not handed back");
     }
 
     #[tokio::test]
