@@ -34,6 +34,10 @@ pub enum Request {
     New {
         /// The port.
         port: u16,
+        /// The port is the remote sshd's as the client reached it (ssh's `%p`): the relay
+        /// puts in the port that sshd listens on, from `SSH_CONNECTION`, which differs behind
+        /// a port mapping (Docker's `-p 2222:22`, Vagrant). Sent as a last word, `sshd`.
+        sshd: bool,
     },
     /// Carry the stream with this id again.
     Resume {
@@ -50,13 +54,16 @@ impl Request {
     /// ```
     /// use immortal::socket_proto::Request;
     ///
-    /// let line = Request::New { port: 22 }.to_line();
+    /// let line = Request::New { port: 22, sshd: false }.to_line();
     /// assert_eq!(line, "immortal/1 new 22\n");
-    /// assert_eq!(Request::parse(line.trim_end()).unwrap(), Request::New { port: 22 });
+    /// assert_eq!(Request::parse(line.trim_end()).unwrap(), Request::New { port: 22, sshd: false });
+    /// let line = Request::New { port: 2222, sshd: true }.to_line();
+    /// assert_eq!(line, "immortal/1 new 2222 sshd\n");
     /// ```
     pub fn to_line(&self) -> String {
         match self {
-            Request::New { port } => format!("{VERSION} new {port}\n"),
+            Request::New { port, sshd: false } => format!("{VERSION} new {port}\n"),
+            Request::New { port, sshd: true } => format!("{VERSION} new {port} sshd\n"),
             Request::Resume { id } => format!("{VERSION} resume {id}\n"),
             Request::Info => format!("{VERSION} info\n"),
         }
@@ -73,7 +80,14 @@ impl Request {
         }
         let request = match (words.next(), words.next()) {
             (Some("new"), Some(port)) => match port.parse::<u16>() {
-                Ok(port) if port != 0 => Request::New { port },
+                Ok(port) if port != 0 => {
+                    let mut rest = words.clone();
+                    let sshd = rest.next() == Some("sshd");
+                    if sshd {
+                        words = rest;
+                    }
+                    Request::New { port, sshd }
+                }
                 _ => return Err(format!("{port:?} is not a port")),
             },
             (Some("resume"), Some(id)) if is_stream_id(id) => Request::Resume { id: id.into() },
@@ -357,7 +371,14 @@ mod tests {
     fn requests_round_trip_and_bad_ones_are_refused() {
         let id = "0123456789abcdef0123456789abcdef".to_string();
         for request in [
-            Request::New { port: 22 },
+            Request::New {
+                port: 22,
+                sshd: false,
+            },
+            Request::New {
+                port: 2222,
+                sshd: true,
+            },
             Request::Resume { id: id.clone() },
             Request::Info,
         ] {
@@ -374,6 +395,7 @@ mod tests {
             "immortal/1 resume 0123456789ABCDEF0123456789ABCDEF",
             "immortal/1 info extra",
             "immortal/1 new 22 extra",
+            "immortal/1 new 22 sshd extra",
             "GET / HTTP/1.1",
         ] {
             assert!(Request::parse(bad).is_err(), "{bad:?} parsed");

@@ -68,7 +68,7 @@ fn config_ssh_writes_a_block_ssh_reads_and_removes_it_exactly() {
     // The outer ssh rides immortal; the carrier reaches the host as the file says.
     let outer = resolved(&config, "web", false);
     assert!(
-        outer.contains("connect --stdio --via-ssh %r@%n --ssh-arg=-p%p %p"),
+        outer.contains("connect --stdio --via-ssh %r@%n --ssh-arg=-p%p --sshd %p"),
         "no ProxyCommand for web:\n{outer}"
     );
     assert!(outer.contains("serveraliveinterval 30"), "{outer}");

@@ -17,16 +17,26 @@ use immortal::runtime_dir::FileLock;
 const OVERALL: Duration = Duration::from_secs(60);
 
 fn relay(dir: &Path, idle: &str) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_immortal"))
+    relay_under_ssh(dir, idle, None)
+}
+
+/// A relay as an ssh login runs it, with `SSH_CONNECTION` set to `ssh_connection` (unset if
+/// `None`).
+fn relay_under_ssh(dir: &Path, idle: &str, ssh_connection: Option<&str>) -> Child {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_immortal"));
+    command
         .arg("relay")
         .env("IMMORTAL_RUNTIME_DIR", dir)
         .env("IMMORTAL_AGENT_IDLE_EXIT", idle)
         .env("NO_COLOR", "1")
+        .env_remove("SSH_CONNECTION")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn immortal relay")
+        .stderr(Stdio::piped());
+    if let Some(value) = ssh_connection {
+        command.env("SSH_CONNECTION", value);
+    }
+    command.spawn().expect("spawn immortal relay")
 }
 
 /// Sends `request` through a relay, closes its input, and returns the agent's answer.
@@ -237,5 +247,28 @@ fn a_relay_waits_out_an_agent_that_is_exiting() {
     drop(exiting);
     let answer = rx.recv_timeout(OVERALL).expect("the relay never answered");
     assert!(answer.starts_with("ok pid="), "{answer:?}");
+    wait_for_agent_exit(&dir);
+}
+
+/// A `new PORT sshd` request (PORT: the sshd's port as the client reached it) is for the port
+/// the sshd listens on here, which the relay reads from `SSH_CONNECTION`: behind a port mapping
+/// (Docker's `-p 2222:22`) nothing listens on PORT. Without `SSH_CONNECTION`, PORT it is.
+#[test]
+fn an_sshd_request_reaches_the_port_the_sshd_listens_on() {
+    let base = tempfile::tempdir().unwrap();
+    let dir = base.path().join("rt");
+    // The "sshd": where the carrier's connection really arrived.
+    let sshd = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let sshd_port = sshd.local_addr().unwrap().port();
+    // The client's port for it, on which nothing listens here.
+    let mapped = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mapped_port = mapped.local_addr().unwrap().port();
+    drop(mapped);
+    let request = format!("immortal/1 new {mapped_port} sshd\n");
+    let ssh_connection = format!("192.0.2.1 50000 127.0.0.1 {sshd_port}");
+    let answer = ask(relay_under_ssh(&dir, "1s", Some(&ssh_connection)), &request);
+    assert!(answer.starts_with("ok "), "{answer:?}");
+    let answer = ask(relay(&dir, "1s"), &request);
+    assert!(answer.starts_with("error dial-failed"), "{answer:?}");
     wait_for_agent_exit(&dir);
 }

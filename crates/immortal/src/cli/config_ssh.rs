@@ -7,7 +7,7 @@
 //! # >>> immortal config-ssh >>>
 //! # Written by `immortal config-ssh`; edits inside are lost. Undo: immortal config-ssh --remove
 //! Match originalhost web1,db !exec "printenv IMMORTAL_CARRIER"
-//!     ProxyCommand /usr/local/bin/immortal connect --stdio --via-ssh %r@%n --ssh-arg=-p%p %p
+//!     ProxyCommand /usr/local/bin/immortal connect --stdio --via-ssh %r@%n --ssh-arg=-p%p --sshd %p
 //! Match all
 //! # <<< immortal config-ssh <<<
 //! ```
@@ -130,7 +130,7 @@ fn render(hosts: &[String], exe: &str) -> String {
         "{BEGIN}\n\
          # Written by `immortal config-ssh`; edits inside are lost. Undo: immortal config-ssh --remove\n\
          {}    \
-         ProxyCommand {exe} connect --stdio --via-ssh %r@%n --ssh-arg=-p%p %p\n\
+         ProxyCommand {exe} connect --stdio --via-ssh %r@%n --ssh-arg=-p%p --sshd %p\n\
          Match all\n\
          {END}\n",
         match_line(hosts)
@@ -363,7 +363,7 @@ mod tests {
             format!(
                 "{BEGIN}\n# Written by `immortal config-ssh`; edits inside are lost. Undo: immortal \
                  config-ssh --remove\nMatch originalhost web,db !exec \"printenv IMMORTAL_CARRIER\"\n    \
-                 ProxyCommand {EXE} connect --stdio --via-ssh %r@%n --ssh-arg=-p%p %p\nMatch all\n{END}\n{original}"
+                 ProxyCommand {EXE} connect --stdio --via-ssh %r@%n --ssh-arg=-p%p --sshd %p\nMatch all\n{END}\n{original}"
             )
         );
         assert_eq!(

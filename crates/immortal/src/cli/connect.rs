@@ -37,7 +37,7 @@ use crate::client::{
 /// nothing listens on TARGET_PORT, 6 the agent is full, 7 the agent cannot be reached.
 ///
 /// Examples: ssh -o ProxyCommand='immortal connect --stdio --server %h:7400 %p' myhost
-///           ssh -o ProxyCommand='immortal connect --stdio --via-ssh %r@%n --ssh-arg=-p%p %p' myhost
+///           ssh -o ProxyCommand='immortal connect --stdio --via-ssh %r@%n --ssh-arg=-p%p --sshd %p' myhost
 #[derive(Debug, Clone, Args)]
 pub struct ConnectArgs {
     /// Use stdin and stdout as the local end (the only mode; required for clarity).
@@ -62,6 +62,11 @@ pub struct ConnectArgs {
     /// `~/.local/bin/immortal`).
     #[arg(long, value_name = "PATH", requires = "via_ssh")]
     pub remote_command: Option<String>,
+    /// With --via-ssh: TARGET_PORT is the remote sshd's as the carriers reach it (ssh's %p),
+    /// and the remote agent dials the port that sshd listens on there instead, when they differ
+    /// (a port mapping: Docker's -p 2222:22, Vagrant). `immortal ssh` and `config-ssh` set it.
+    #[arg(long, requires = "via_ssh")]
+    pub sshd: bool,
     /// With --via-ssh: one word of the options for ssh, before DEST (repeat it:
     /// --ssh-arg=-p --ssh-arg=2222).
     #[arg(
@@ -149,7 +154,10 @@ async fn run_via_ssh(args: ConnectArgs, dest: String) -> Result<(), CliError> {
     let ssh = SshCommand::from_env().map_err(|err| CliError::Other(err.to_string()))?;
     let carrier = SshCarrier::new(ssh, dest, args.remote_command.clone()).options(args.ssh_args);
     let stdin = StdinReader::spawn().map_err(|err| CliError::Other(format!("stdin: {err}")))?;
-    let connector = SshConnector::new(carrier, args.target_port);
+    let mut connector = SshConnector::new(carrier, args.target_port);
+    if args.sshd {
+        connector = connector.to_sshd();
+    }
     let mut gone = connector.gone_signal();
     let carriers = connector.carriers();
     let options = args

@@ -17,6 +17,7 @@ use clap::Args;
 
 use super::CliError;
 use crate::runtime_dir::{FileLock, RuntimeDir, RUNTIME_DIR_ENV};
+use crate::socket_proto::{self, Request};
 
 /// Relay stdin and stdout to your agent, starting it if need be (run by ssh carriers).
 ///
@@ -158,6 +159,38 @@ fn start_agent(dir: &RuntimeDir, idle_exit: Duration) -> Result<Started, CliErro
     )))
 }
 
+/// The request line as the agent is to get it: `new PORT sshd` (PORT is the sshd's port as the
+/// client reached it) asks for the port the sshd listens on here, `sshd_port`, when known, else
+/// for PORT, and without the word (an agent from before it refuses it); any other line passes
+/// as it is.
+fn rewrite_request(line: &[u8], sshd_port: Option<u16>) -> Vec<u8> {
+    let request = std::str::from_utf8(line)
+        .ok()
+        .and_then(|text| text.strip_suffix('\n'))
+        .map(Request::parse);
+    match request {
+        Some(Ok(Request::New { port, sshd: true })) => Request::New {
+            port: sshd_port.unwrap_or(port),
+            sshd: false,
+        }
+        .to_line()
+        .into_bytes(),
+        _ => line.to_vec(),
+    }
+}
+
+/// The port this host's sshd took the carrier's connection on: the last of `SSH_CONNECTION`'s
+/// four words (client address and port, server address and port), which ssh sets for the
+/// commands it runs.
+fn sshd_port() -> Option<u16> {
+    std::env::var("SSH_CONNECTION")
+        .ok()?
+        .split_whitespace()
+        .nth(3)?
+        .parse()
+        .ok()
+}
+
 /// Copies stdin to the socket (then half-closes it) and the socket to stdout, until the
 /// socket ends.
 fn relay(socket: UnixStream) -> io::Result<()> {
@@ -166,6 +199,18 @@ fn relay(socket: UnixStream) -> io::Result<()> {
         .name("immortal-relay-stdin".into())
         .spawn(move || {
             let mut stdin = io::stdin().lock();
+            // The request line first: an sshd request gets the port the sshd listens on here.
+            let mut line = Vec::new();
+            let read = (&mut stdin)
+                .take(socket_proto::MAX_LINE as u64)
+                .read_until(b'\n', &mut line);
+            let first = match read {
+                Ok(_) => rewrite_request(&line, sshd_port()),
+                Err(_) => line,
+            };
+            if to_agent.write_all(&first).is_err() {
+                return;
+            }
             let mut buf = vec![0u8; CHUNK];
             loop {
                 match stdin.read(&mut buf) {
@@ -197,6 +242,33 @@ fn relay(socket: UnixStream) -> io::Result<()> {
             // The carrier is gone: nothing to relay to.
             Err(err) if err.kind() == io::ErrorKind::BrokenPipe => return Ok(()),
             Err(err) => return Err(err),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_sshd_request_asks_for_the_port_the_sshd_listens_on_here() {
+        assert_eq!(
+            rewrite_request(b"immortal/1 new 2222 sshd\n", Some(22)),
+            b"immortal/1 new 22\n"
+        );
+        // Not known (no SSH_CONNECTION): the client's port, without the word.
+        assert_eq!(
+            rewrite_request(b"immortal/1 new 2222 sshd\n", None),
+            b"immortal/1 new 2222\n"
+        );
+        for line in [
+            &b"immortal/1 new 5432\n"[..],
+            b"immortal/1 resume 0123456789abcdef0123456789abcdef\n",
+            b"immortal/1 new 2222 sshd",
+            b"garbage\n",
+            b"\xff\n",
+        ] {
+            assert_eq!(rewrite_request(line, Some(22)), line);
         }
     }
 }

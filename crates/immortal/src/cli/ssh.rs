@@ -214,7 +214,7 @@ impl SshLine {
         words
     }
 
-    /// The ProxyCommand that carries the session: `exe connect --stdio --via-ssh DEST ... %p`,
+    /// The ProxyCommand that carries the session: `exe connect --stdio --via-ssh DEST --sshd ... %p`,
     /// each word quoted for the shell ssh runs it with, and `%` escaped from ssh's expansion.
     ///
     /// # Errors
@@ -226,6 +226,7 @@ impl SshLine {
             "--stdio".into(),
             "--via-ssh".into(),
             self.dest.clone(),
+            "--sshd".into(),
         ];
         if let Some(remote) = &self.remote_command {
             words.push("--remote-command".into());
@@ -487,13 +488,13 @@ mod tests {
         let command = line.proxy_command("/usr/bin/immortal").unwrap();
         assert_eq!(
             command,
-            "/usr/bin/immortal connect --stdio --via-ssh me@h '--ssh-arg=-o' \
+            "/usr/bin/immortal connect --stdio --via-ssh me@h --sshd '--ssh-arg=-o' \
              '--ssh-arg=IdentityFile=~/my key%%d' '--ssh-arg=-p' '--ssh-arg=2222' %p"
         );
         // What ssh's %-expansion and the shell make of it is the original words.
         let expanded = command.replace("%%", "%").replace(" %p", " 22");
         let words = shlex::split(&expanded).unwrap();
-        assert_eq!(words[6], "--ssh-arg=IdentityFile=~/my key%d");
+        assert_eq!(words[7], "--ssh-arg=IdentityFile=~/my key%d");
     }
 
     #[test]

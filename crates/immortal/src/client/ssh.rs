@@ -32,7 +32,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
 use std::process::{ExitStatus, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -314,6 +314,9 @@ impl SshCarrier {
 pub struct SshConnector {
     carrier: SshCarrier,
     port: u16,
+    /// `port` is the remote sshd's as the carriers reach it (see [`SshConnector::to_sshd`]);
+    /// cleared if the remote's immortal does not understand that.
+    sshd: AtomicBool,
     /// The stream's id once the agent has created it.
     stream: Mutex<Option<String>>,
     /// Which of the carrier's remote commands worked last.
@@ -331,6 +334,7 @@ impl SshConnector {
         SshConnector {
             carrier,
             port,
+            sshd: AtomicBool::new(false),
             stream: Mutex::new(None),
             remote: AtomicUsize::new(0),
             gone: Arc::new(watch::Sender::new(None)),
@@ -343,6 +347,15 @@ impl SshConnector {
     /// watcher (for tests, or a caller with its own notion of "the network changed").
     pub fn with_network_changes(mut self, network: watch::Receiver<u64>) -> Self {
         self.network = network;
+        self
+    }
+
+    /// The same connector for the remote sshd itself: `port` is the one the carriers reach it
+    /// at (ssh's `%p`), and the remote agent dials the port that sshd listens on there, which
+    /// the relay reads from `SSH_CONNECTION` (they differ behind a port mapping: Docker's `-p
+    /// 2222:22`, Vagrant). A remote immortal too old to know this is asked for `port` itself.
+    pub fn to_sshd(self) -> Self {
+        self.sshd.store(true, Ordering::Relaxed);
         self
     }
 
@@ -374,13 +387,35 @@ impl SshConnector {
     pub async fn open(&self) -> Result<BoxIo, ClientError> {
         let request = match self.stream_id() {
             Some(id) => Request::Resume { id },
-            None => Request::New { port: self.port },
+            None => Request::New {
+                port: self.port,
+                sshd: self.sshd.load(Ordering::Relaxed),
+            },
         };
+        match self.open_with(&request).await {
+            Err(ClientError::Protocol(message))
+                if matches!(request, Request::New { sshd: true, .. }) =>
+            {
+                // An immortal on the remote from before `sshd` requests refuses the word: ask
+                // for the port itself, as it understands.
+                tracing::debug!(%message, "the remote refused an sshd request; asking for the port");
+                self.sshd.store(false, Ordering::Relaxed);
+                let plain = Request::New {
+                    port: self.port,
+                    sshd: false,
+                };
+                self.open_with(&plain).await
+            }
+            other => other,
+        }
+    }
+
+    async fn open_with(&self, request: &Request) -> Result<BoxIo, ClientError> {
         let commands = &self.carrier.remote_commands;
         let first = self.remote.load(Ordering::Relaxed);
         let mut missing = None;
         for i in (first..commands.len()).chain(0..first) {
-            match self.try_open(&commands[i], &request).await {
+            match self.try_open(&commands[i], request).await {
                 Err(err @ ClientError::RemoteMissing { .. }) => missing = Some(err),
                 Ok(io) => {
                     self.remote.store(i, Ordering::Relaxed);
@@ -864,6 +899,27 @@ mod tests {
         );
         let ssh = SshCommand::parse(&format!("sh -c \"{script}\" carrier")).unwrap();
         let connector = SshConnector::new(SshCarrier::new(ssh, "host", None), 22);
+        let _io = tokio::time::timeout(Duration::from_secs(20), connector.connect())
+            .await
+            .expect("no answer")
+            .unwrap();
+        assert_eq!(connector.stream_id().as_deref(), Some(id));
+    }
+
+    /// An immortal on the remote from before `sshd` requests refuses the word (bad request):
+    /// the stream is asked for again with the port alone.
+    #[tokio::test]
+    async fn an_old_remote_that_refuses_an_sshd_request_is_asked_for_the_port() {
+        let id = "0123456789abcdef0123456789abcdef";
+        let dir = tempfile::tempdir().unwrap();
+        // Answers the plain request only after it has refused an sshd one.
+        let script = format!(
+            "read line; case $line in *sshd*) touch {asked}; echo 'error bad-request trailing \
+             words'; exit 0;; *' new 22') [ -e {asked} ] && echo 'ok {id}'; exec sleep 1000;; esac",
+            asked = dir.path().join("asked").display()
+        );
+        let ssh = SshCommand::parse(&format!("sh -c \"{script}\" carrier")).unwrap();
+        let connector = SshConnector::new(SshCarrier::new(ssh, "host", None), 22).to_sshd();
         let _io = tokio::time::timeout(Duration::from_secs(20), connector.connect())
             .await
             .expect("no answer")

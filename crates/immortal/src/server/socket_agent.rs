@@ -332,7 +332,8 @@ async fn serve(
             let _ = reply(&mut io, Reply::Ok(info)).await;
             return;
         }
-        Request::New { port } => match registry.create(port, None).await {
+        // `sshd`: the relay has put in the port the sshd listens on, if it could tell.
+        Request::New { port, .. } => match registry.create(port, None).await {
             Ok(info) => registry.get(&info.id),
             Err(err) => {
                 let code = match err {
