@@ -380,8 +380,10 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 fn new_id() -> String {
     let mut bytes = [0u8; 16];
     if getrandom::fill(&mut bytes).is_err() {
-        // No randomness: fall back to the clock and a counter, unique if guessable. The id
-        // names a stream; the bearer token and the session secret protect it.
+        // No randomness (the kernel refused it: not seen on a supported system): fall back to
+        // the clock and a counter, unique if guessable. The id names a stream, and the bearer
+        // token and the session secret protect it; the attach key, made here too, is then
+        // guessable, and only the token keeps others from a stream not yet attached.
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let nanos = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
