@@ -901,6 +901,37 @@ async fn a_stream_whose_creator_never_attaches_goes_long_before_its_ttl() {
     .unwrap();
 }
 
+/// A stream whose directions have both ended waits for its client's CLOSE; a client that
+/// vanishes meanwhile is reported gone, and the stream can be evicted, not held as connected.
+#[tokio::test]
+async fn a_finished_stream_whose_client_vanishes_is_reported_disconnected() {
+    let mut agent = start(|config| config.max_streams = 1).await;
+    let (port, mut accepted) = service().await;
+    let stream = agent.create(port).await;
+    let mut local = guarded("the agent's dial", accepted.recv()).await.unwrap();
+    let (session, link) = agent.attach(&stream, Carrier::Raw).await;
+    agent.connected(&stream.id).await;
+    // The service ends its output; the client reads the end and ends its own.
+    local.shutdown().await.unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(guarded("the end", session.read(&mut buf)).await.unwrap(), 0);
+    session.shutdown().await.unwrap();
+    // The service sees the client's end: the agent has carried both, and waits for a CLOSE.
+    assert_eq!(
+        guarded("the client's end", local.read(&mut buf))
+            .await
+            .unwrap(),
+        0
+    );
+    link.offline.store(true, Ordering::SeqCst);
+    link.cut();
+    agent.disconnected(&stream.id).await;
+    let other = agent
+        .call("POST", "/v1/streams", Some(json!({ "port": port })))
+        .await;
+    assert_eq!(other.status, 201, "the finished stream was not evictable");
+}
+
 #[tokio::test]
 async fn a_second_new_session_is_refused_and_the_live_one_keeps_working() {
     let agent = start(|_| {}).await;

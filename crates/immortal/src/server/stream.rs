@@ -246,8 +246,15 @@ impl Stream {
         let reason = match ended {
             Ok(()) => {
                 // Both directions are done. Keep the session until the client has everything
-                // (or goes away for good), so the close cannot overtake the last bytes.
-                let drained = self.drain(&session, ttl);
+                // (or goes away for good), so the close cannot overtake the last bytes; its
+                // connection is tracked meanwhile (a client gone is reported, and the stream
+                // evictable).
+                let drained = async {
+                    tokio::select! {
+                        () = self.drain(&session, ttl) => {}
+                        never = self.track_status(session.status(), registry) => match never {},
+                    }
+                };
                 self.stop.run_until_cancelled(drained).await;
                 RemovalReason::Ended
             }

@@ -631,7 +631,7 @@ impl Connection {
                     code: close.code(),
                     reason: close.reason().to_owned(),
                 };
-                if self.lifecycle.closed_locally() {
+                if self.lifecycle.closed_locally() && error.is_terminal() {
                     // Both ends closed at once: ours is as done as if it had been answered.
                     self.finish_closing();
                 } else if error.is_terminal() {
