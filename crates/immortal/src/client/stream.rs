@@ -79,24 +79,24 @@ pub struct StreamConnector {
 /// What past attempts say about the path to the agent.
 #[derive(Debug, Default, Clone, Copy)]
 struct AttemptHistory {
-    /// The longest a successful attempt took (`None` before the first).
-    slowest_success: Option<Duration>,
+    /// How long the latest successful attempt took (`None` before the first).
+    last_success: Option<Duration>,
     /// Attempts abandoned at their budget since the last success.
     timeouts: u32,
 }
 
 impl AttemptHistory {
     /// How long the next attempt may take: the whole [`MAX_ATTEMPT_TIMEOUT`] before any has
-    /// succeeded (the path's delay is unknown); then four times the slowest success, at least
+    /// succeeded (the path's delay is unknown); then four times the latest success, at least
     /// [`ATTEMPT_TIMEOUT`], doubled for each attempt abandoned in a row, at most
     /// [`MAX_ATTEMPT_TIMEOUT`]. A slow path (a satellite link, a congested uplink: a TLS
     /// handshake and an upgrade take four round trips) keeps resuming, and a fast one notices a
     /// hung dial in seconds.
     fn budget(&self) -> Duration {
-        let Some(slowest) = self.slowest_success else {
+        let Some(last) = self.last_success else {
             return MAX_ATTEMPT_TIMEOUT;
         };
-        let base = (slowest * 4).max(ATTEMPT_TIMEOUT);
+        let base = (last * 4).max(ATTEMPT_TIMEOUT);
         base.saturating_mul(1 << self.timeouts.min(8))
             .min(MAX_ATTEMPT_TIMEOUT)
     }
@@ -119,7 +119,7 @@ pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The longest one attempt is given: the first one, before the path's delay is known, and
 /// later ones on a slow path or after attempts that ran out of time (each doubles the next
-/// one's budget, from four times the slowest success or [`ATTEMPT_TIMEOUT`]).
+/// one's budget, from four times the latest success or [`ATTEMPT_TIMEOUT`]).
 pub const MAX_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(15);
 
 impl StreamConnector {
@@ -179,8 +179,10 @@ impl StreamConnector {
                 tokio::select! {
                     result = attempt => result,
                     _ = network.changed() => {
-                        // A dial on the old path may hang until its timeout: start afresh.
+                        // A dial on the old path may hang until its timeout: start afresh, with
+                        // no count of the old path's timeouts against the new one.
                         tracing::debug!(stream = %self.id, "network changed: a new attempt");
+                        self.history.lock().unwrap_or_else(PoisonError::into_inner).timeouts = 0;
                         continue;
                     }
                 }
@@ -192,7 +194,7 @@ impl StreamConnector {
                 match &result {
                     Ok(Ok(_)) => {
                         let took = started.elapsed();
-                        history.slowest_success = history.slowest_success.max(Some(took));
+                        history.last_success = Some(took);
                         history.timeouts = 0;
                     }
                     Ok(Err(_)) => {}
@@ -202,7 +204,7 @@ impl StreamConnector {
             let result = result.unwrap_or_else(|_| {
                 Err(ClientError::Unreachable {
                     server: self.api.server().to_string(),
-                    reason: format!("no answer within {} s", budget.as_secs()),
+                    reason: format!("no answer within {:.1} s", budget.as_secs_f64()),
                 })
             });
             let mut outage = self.outage.lock().unwrap_or_else(PoisonError::into_inner);
@@ -357,8 +359,8 @@ mod tests {
     #[test]
     fn an_attempts_budget_follows_the_paths_delay() {
         let secs = Duration::from_secs;
-        let history = |slowest: Option<u64>, timeouts| AttemptHistory {
-            slowest_success: slowest.map(Duration::from_millis),
+        let history = |last: Option<u64>, timeouts| AttemptHistory {
+            last_success: last.map(Duration::from_millis),
             timeouts,
         };
         // Nothing known yet: all of it.
@@ -410,7 +412,7 @@ mod tests {
         let connector =
             StreamConnector::new(api, &info, Carrier::Upgrade).with_network_changes(network);
         // A path known to answer fast: attempts get the shortest budget.
-        connector.history.lock().unwrap().slowest_success = Some(Duration::from_millis(1));
+        connector.history.lock().unwrap().last_success = Some(Duration::from_millis(1));
         // The first attempt fails by its timeout: an outage has begun.
         assert!(connector.connect().await.is_err());
         let _first = accepted.recv().await.unwrap();
