@@ -6,6 +6,7 @@
 
 use std::io::{self, Read};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -17,7 +18,7 @@ use tokio::sync::{mpsc, watch};
 use super::common::{
     carry, report_status, session_error, termination, Carried, ClientArgs, SessionArgs, Until,
 };
-use super::status_line::StatusOut;
+use super::status_line::{ClearingWriter, StatusOut};
 use super::CliError;
 use crate::client::{
     inside_carrier, network_changes, probe_on_network_changes, ApiClient, GoneSignal, SshCarrier,
@@ -195,9 +196,16 @@ async fn carry_stdio(
     stdin: StdinReader,
     quiet: bool,
 ) -> Result<Carried, CliError> {
-    let reporter = (!quiet).then(|| tokio::spawn(report_status_on_stderr(session.status())));
+    let status_out = Arc::new(StatusOut::stderr());
+    let reporter = (!quiet).then(|| {
+        tokio::spawn(report_status_on_stderr(
+            session.status(),
+            Arc::clone(&status_out),
+        ))
+    });
+    let stdout = ClearingWriter::new(tokio::io::stdout(), status_out);
     let carried = tokio::select! {
-        result = carry(&session, gone, stdin, tokio::io::stdout(), Until::RemoteEnds) => result,
+        result = carry(&session, gone, stdin, stdout, Until::RemoteEnds) => result,
         signal = termination() => Err(CliError::Stopped(signal)),
         never = probe_on_network_changes(&session, network_changes()) => match never {},
     };
@@ -219,8 +227,7 @@ async fn carry_stdio(
 const QUIT_HINT: &str = "; to quit, type Enter ~ . (ssh) or Ctrl-C";
 
 /// Reports the session's status on stderr (see [`StatusOut`]) until the session ends.
-async fn report_status_on_stderr(status: watch::Receiver<PipeState>) {
-    let out = StatusOut::stderr();
+async fn report_status_on_stderr(status: watch::Receiver<PipeState>, out: Arc<StatusOut>) {
     report_status(status, QUIT_HINT, move |status| out.show(status)).await;
 }
 

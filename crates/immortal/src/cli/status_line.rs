@@ -9,10 +9,18 @@
 //!
 //! On a terminal only control sequences move the cursor, never a bare `\n` (its meaning
 //! depends on the terminal's output mode): `ESC D` (index) moves down a row, scrolling at the
-//! bottom, and keeps the column; `ESC 7` and `ESC 8` save and restore the cursor.
+//! bottom, and keeps the column; `ESC 7` and `ESC 8` save and restore the cursor (the
+//! terminal has one such slot: a remote program that saved its cursor before an outage
+//! restores ours after it). The session's output clears the line before it is written
+//! ([`ClearingWriter`]), so bytes that arrive before the status hears the link is back are not
+//! erased with it.
 
 use std::io::{self, IsTerminal, Write};
-use std::sync::{Mutex, PoisonError};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+
+use tokio::io::AsyncWrite;
 
 use super::common::Status;
 
@@ -44,6 +52,56 @@ impl StatusOut {
             format!("immortal: {}\n", status.text())
         };
         let _ = io::stderr().write_all(text.as_bytes());
+    }
+}
+
+impl StatusOut {
+    /// Erases the status line if one is shown, and puts the cursor back where the session left
+    /// it: done before the session writes to the terminal, so that what it writes (bytes
+    /// replayed after a resume, which may come before the status is told the link is back)
+    /// lands where the session's cursor was, and is not erased with the line.
+    pub(crate) fn clear(&self) {
+        if !self.terminal {
+            return;
+        }
+        let mut line = self.line.lock().unwrap_or_else(PoisonError::into_inner);
+        if line.shown.is_some() {
+            let text = line.render(&Status::Back(String::new()), terminal_width());
+            let _ = io::stderr().write_all(text.as_bytes());
+        }
+    }
+}
+
+/// A writer of the session's output that clears the status line (see [`StatusOut::clear`])
+/// before each write.
+pub(crate) struct ClearingWriter<W> {
+    inner: W,
+    status: Arc<StatusOut>,
+}
+
+impl<W> ClearingWriter<W> {
+    /// `inner`, clearing `status` before each write.
+    pub(crate) fn new(inner: W, status: Arc<StatusOut>) -> Self {
+        ClearingWriter { inner, status }
+    }
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for ClearingWriter<W> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.status.clear();
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
