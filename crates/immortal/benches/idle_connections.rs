@@ -108,6 +108,7 @@ struct Agent {
     child: Child,
     addr: SocketAddr,
     lines: mpsc::Receiver<String>,
+    reader: std::thread::JoinHandle<()>,
 }
 
 impl Agent {
@@ -124,7 +125,7 @@ impl Agent {
             .spawn()?;
         let stderr = child.stderr.take().ok_or("no stderr")?;
         let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if tx.send(line).is_err() {
                     break;
@@ -141,7 +142,12 @@ impl Agent {
                 break addr;
             }
         };
-        Ok(Agent { child, addr, lines })
+        Ok(Agent {
+            child,
+            addr,
+            lines,
+            reader,
+        })
     }
 
     /// The agent's open-file soft limit, from `/proc/PID/limits`.
@@ -162,6 +168,8 @@ impl Agent {
     fn stop(mut self) -> usize {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Every line read before counting them.
+        let _ = self.reader.join();
         self.lines
             .try_iter()
             .filter(|line| line.contains("accept failed"))

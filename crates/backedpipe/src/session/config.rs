@@ -22,6 +22,9 @@ use std::time::Duration;
 /// };
 /// assert_eq!(timing.ack_every, 64 * 1024);
 /// ```
+///
+/// A session takes durations below 1 ms as 1 ms and above 100 years as 100 years, and
+/// `ack_every` as at least 1 and at most 2^48.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
     /// How long our direction may stay quiet before a PING goes out.

@@ -95,7 +95,8 @@ impl SessionOptions {
     }
 
     /// How long a server keeps a disconnected session before forgetting it (its client then
-    /// gets [`Error::SessionExpired`](crate::Error::SessionExpired)).
+    /// gets [`Error::SessionExpired`](crate::Error::SessionExpired)); taken as at most 100
+    /// years.
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.ttl = ttl;
         self

@@ -30,7 +30,9 @@ pub struct AgentArgs {
     /// The most streams held at once; when full, the oldest disconnected stream is evicted.
     #[arg(long, default_value_t = 32)]
     pub max_streams: usize,
-    /// How long a stream with no client attached is kept (e.g. 30s, 10m, 24h).
+    /// How long a stream with no client attached is kept after its client went away (e.g.
+    /// 30s, 10m, 24h). A new stream's creator must attach within two minutes, or this if
+    /// shorter.
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     pub ttl: Duration,
     /// How often an idle connection is probed; one silent for two probes and a second is

@@ -121,6 +121,20 @@ impl SessionArgs {
     }
 }
 
+/// Raises the open-file soft limit to the hard limit and returns it; `None`, with a warning,
+/// when it cannot be read or raised (or off Unix).
+pub(crate) fn raise_open_file_limit() -> Option<u64> {
+    #[cfg(unix)]
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => {
+            tracing::debug!(limit, "open-file limit");
+            return Some(limit);
+        }
+        Err(err) => tracing::warn!(%err, "cannot read or raise the open-file limit"),
+    }
+    None
+}
+
 /// The longest wait between two resume attempts the session itself makes (its backoff starts
 /// at 100 ms and doubles, with full jitter): after the network is back, a resume starts within
 /// this. Past the first minutes of an outage, the connector adds its own pause

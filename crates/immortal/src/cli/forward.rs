@@ -99,10 +99,7 @@ pub async fn run(args: ForwardArgs) -> Result<(), CliError> {
     api.list().await?;
     // Each forwarded connection holds two descriptors (its local connection and its transport
     // to the agent): a shell's soft limit of 1,024 would cap it at about 500.
-    #[cfg(unix)]
-    if let Err(err) = rlimit::increase_nofile_limit(u64::MAX) {
-        tracing::warn!(%err, "cannot raise the open-file limit");
-    }
+    super::common::raise_open_file_limit();
     let listener = TcpListener::bind(args.spec.local)
         .await
         .map_err(|err| CliError::Other(format!("cannot listen on {}: {err}", args.spec.local)))?;

@@ -24,7 +24,9 @@ use crate::socket_proto::{self, Request};
 /// `immortal ssh` and `immortal connect --via-ssh` run `ssh HOST immortal relay` for each
 /// connection of a stream. The relay connects to your agent's Unix socket (see `immortal agent
 /// --help` for where it is), or starts the agent detached when none answers, and then copies
-/// bytes both ways until either side ends. Racing relays start one agent between them.
+/// bytes both ways until either side ends. Racing relays start one agent between them. A
+/// request for a stream to "the sshd" (`connect --via-ssh --sshd`) is given the port the sshd
+/// that ran this relay listens on, from SSH_CONNECTION.
 #[derive(Debug, Clone, Args)]
 pub struct RelayArgs {
     /// When this relay starts the agent: how long the agent stays up holding no stream.

@@ -40,8 +40,9 @@ pub struct ServeArgs {
     /// connections that have not presented the token are closed first.
     #[arg(long, value_name = "N", value_parser = parse_count)]
     pub max_connections: Option<usize>,
-    /// How long a stream with no client attached is kept (e.g. 30s, 10m, 24h; at most 366
-    /// days).
+    /// How long a stream with no client attached is kept after its client went away (e.g.
+    /// 30s, 10m, 24h; at most 366 days). A new stream's creator must attach within twelve
+    /// handshake timeouts (2 min), or this if shorter.
     #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_bounded_duration)]
     pub ttl: Duration,
     /// How often an idle connection is probed (e.g. 5s, 500ms); a connection silent for two
@@ -210,14 +211,9 @@ fn print_token_hint(path: &Path, listening: SocketAddr) {
 fn fit_open_files(config: &mut AgentConfig) {
     #[cfg(unix)]
     {
-        let limit = match rlimit::increase_nofile_limit(u64::MAX) {
-            Ok(limit) => limit,
-            Err(err) => {
-                tracing::warn!(%err, "cannot read or raise the open-file limit");
-                return;
-            }
+        let Some(limit) = super::common::raise_open_file_limit() else {
+            return;
         };
-        tracing::debug!(limit, "open-file limit");
         // Descriptors for everything else: the listener, the runtime, logs, the token file.
         const RESERVED: u64 = 64;
         let limit = usize::try_from(limit.saturating_sub(RESERVED)).unwrap_or(usize::MAX);

@@ -79,8 +79,9 @@ pub struct AgentConfig {
     /// cap, the oldest connection that has not presented the token is closed to let a new one
     /// in; if every one has, the new one is closed.
     pub max_connections: usize,
-    /// How long a stream with no client attached is kept: after its client went away, or after
-    /// its creation if no client ever attached.
+    /// How long a stream with no client attached is kept after its client went away. A new
+    /// stream whose creator has not attached is kept twelve handshake timeouts, or this if
+    /// shorter.
     pub ttl: Duration,
     /// The longest a client may take over each handshake step: TLS, sending its whole HTTP
     /// request (head and body), and the session handshake after an upgrade.

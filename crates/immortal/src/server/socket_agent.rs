@@ -41,7 +41,8 @@ use crate::socket_proto::{self, ErrorCode, Reply, Request};
 pub struct SocketAgentConfig {
     /// The most streams held at once (when full, the oldest disconnected one is evicted).
     pub max_streams: usize,
-    /// How long a stream with no client attached is kept.
+    /// How long a stream with no client attached is kept after its client went away (a new
+    /// stream's creator must attach within twelve handshake timeouts, or this if shorter).
     pub ttl: Duration,
     /// The longest a client may take over its request line, and over the session handshake.
     pub handshake_timeout: Duration,
