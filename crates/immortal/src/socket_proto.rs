@@ -259,6 +259,40 @@ pub async fn read_line_tail(
     io: &mut (impl AsyncRead + Unpin),
     keep: usize,
 ) -> io::Result<Option<Vec<u8>>> {
+    read_raw_line(io, keep, Overlong::KeepTail).await
+}
+
+/// Reads one line of at most [`MAX_LINE`] bytes, byte by byte so that nothing after the
+/// newline is consumed; returns it without the newline. `Ok(None)` at end of stream before any
+/// byte.
+///
+/// # Errors
+/// The read's failure; `InvalidData` for a line too long or not UTF-8; `UnexpectedEof` at end
+/// of stream inside a line.
+pub async fn read_line(io: &mut (impl AsyncRead + Unpin)) -> io::Result<Option<String>> {
+    let Some(line) = read_raw_line(io, MAX_LINE - 1, Overlong::Refuse).await? else {
+        return Ok(None);
+    };
+    String::from_utf8(line)
+        .map(Some)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "a line that is not UTF-8"))
+}
+
+/// What [`read_raw_line`] does with a line longer than it holds.
+#[derive(Clone, Copy)]
+enum Overlong {
+    /// Keep its last bytes.
+    KeepTail,
+    /// Fail with `InvalidData`.
+    Refuse,
+}
+
+/// A line's bytes without the newline, at most `max` of them (see [`Overlong`]).
+async fn read_raw_line(
+    io: &mut (impl AsyncRead + Unpin),
+    max: usize,
+    overlong: Overlong,
+) -> io::Result<Option<Vec<u8>>> {
     let mut line = std::collections::VecDeque::with_capacity(64);
     loop {
         let mut byte = [0u8; 1];
@@ -271,44 +305,19 @@ pub async fn read_line_tail(
         if byte[0] == b'\n' {
             return Ok(Some(line.into()));
         }
-        if line.len() == keep {
-            line.pop_front();
+        if line.len() == max {
+            match overlong {
+                Overlong::KeepTail => drop(line.pop_front()),
+                Overlong::Refuse => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("a line longer than {MAX_LINE} bytes"),
+                    ))
+                }
+            }
         }
         line.push_back(byte[0]);
     }
-}
-
-/// Reads one line of at most [`MAX_LINE`] bytes, byte by byte so that nothing after the
-/// newline is consumed; returns it without the newline. `Ok(None)` at end of stream before any
-/// byte.
-///
-/// # Errors
-/// The read's failure; `InvalidData` for a line too long or not UTF-8; `UnexpectedEof` at end
-/// of stream inside a line.
-pub async fn read_line(io: &mut (impl AsyncRead + Unpin)) -> io::Result<Option<String>> {
-    let mut line = Vec::with_capacity(64);
-    loop {
-        let mut byte = [0u8; 1];
-        if io.read(&mut byte).await? == 0 {
-            if line.is_empty() {
-                return Ok(None);
-            }
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        if byte[0] == b'\n' {
-            break;
-        }
-        line.push(byte[0]);
-        if line.len() >= MAX_LINE {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("a line longer than {MAX_LINE} bytes"),
-            ));
-        }
-    }
-    String::from_utf8(line)
-        .map(Some)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "a line that is not UTF-8"))
 }
 
 #[cfg(test)]
@@ -448,5 +457,15 @@ mod tests {
             read_line(&mut long).await.unwrap_err().kind(),
             io::ErrorKind::InvalidData
         );
+        // MAX_LINE counts the newline.
+        let mut longest = vec![b'x'; MAX_LINE - 1];
+        longest.push(b'\n');
+        assert_eq!(
+            read_line(&mut &longest[..]).await.unwrap().map(|l| l.len()),
+            Some(MAX_LINE - 1)
+        );
+        let mut over = vec![b'x'; MAX_LINE];
+        over.push(b'\n');
+        assert!(read_line(&mut &over[..]).await.is_err());
     }
 }
