@@ -829,6 +829,23 @@ pub fn inside_carrier() -> bool {
 mod tests {
     use super::*;
 
+    /// A FIFO made at `path`, whose lines fake carriers write to announce what they do.
+    /// Opened for reading and writing, so it never reports end-of-file between carriers.
+    fn fifo_lines(
+        path: &std::path::Path,
+    ) -> tokio::io::Lines<BufReader<tokio::net::unix::pipe::Receiver>> {
+        let made = std::process::Command::new("mkfifo")
+            .arg(path)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let receiver = tokio::net::unix::pipe::OpenOptions::new()
+            .read_write(true)
+            .open_receiver(path)
+            .unwrap();
+        BufReader::new(receiver).lines()
+    }
+
     /// A resume's carrier that has been starting for a while when the network changes (here
     /// an "ssh" that, after a first carrier that creates the stream, announces each start on
     /// a FIFO and hangs, as a login into a dead path does) is abandoned and a new one started
@@ -838,17 +855,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let fifo = dir.path().join("started");
         let first = dir.path().join("first-done");
-        let made = std::process::Command::new("mkfifo")
-            .arg(&fifo)
-            .status()
-            .unwrap();
-        assert!(made.success());
-        // Opened for reading and writing, so it never reports end-of-file between carriers.
-        let started = tokio::net::unix::pipe::OpenOptions::new()
-            .read_write(true)
-            .open_receiver(&fifo)
-            .unwrap();
-        let mut started = BufReader::new(started).lines();
+        let mut started = fifo_lines(&fifo);
         let script = format!(
             "if [ -e '{first}' ]; then echo started > '{fifo}'; else touch '{first}'; \
              echo 'ok 0123456789abcdef0123456789abcdef'; fi; exec sleep 1000",
@@ -934,16 +941,7 @@ mod tests {
     async fn an_abandoned_carrier_is_sent_sigterm_first() {
         let dir = tempfile::tempdir().unwrap();
         let fifo = dir.path().join("said");
-        let made = std::process::Command::new("mkfifo")
-            .arg(&fifo)
-            .status()
-            .unwrap();
-        assert!(made.success());
-        let said = tokio::net::unix::pipe::OpenOptions::new()
-            .read_write(true)
-            .open_receiver(&fifo)
-            .unwrap();
-        let mut said = BufReader::new(said).lines();
+        let mut said = fifo_lines(&fifo);
         let script = format!(
             "trap 'kill $!; echo terminated > {fifo}; exit 0' TERM; echo started > {fifo}; \
              sleep 1000 & wait",
