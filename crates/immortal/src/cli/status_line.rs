@@ -43,19 +43,17 @@ impl StatusOut {
 
     /// Shows `status`.
     pub(crate) fn show(&self, status: Status) {
-        let text = if self.terminal {
-            self.line
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .render(&status, terminal_width())
-        } else {
-            format!("immortal: {}\n", status.text())
-        };
+        if !self.terminal {
+            let _ = io::stderr().write_all(format!("immortal: {}\n", status.text()).as_bytes());
+            return;
+        }
+        // Written under the lock, so that a `clear` cannot come between what the line is
+        // taken to be and what the terminal shows.
+        let mut line = self.line.lock().unwrap_or_else(PoisonError::into_inner);
+        let text = line.render(&status, terminal_width());
         let _ = io::stderr().write_all(text.as_bytes());
     }
-}
 
-impl StatusOut {
     /// Erases the status line if one is shown, and puts the cursor back where the session left
     /// it: done before the session writes to the terminal, so that what it writes (bytes
     /// replayed after a resume, which may come before the status is told the link is back)
