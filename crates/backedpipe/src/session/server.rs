@@ -414,6 +414,18 @@ mod tests {
         Box::new(tokio::io::duplex(64).0)
     }
 
+    /// A resume's attach, for attempt `attempt`, of a fresh transport at offset 0.
+    fn attach_fresh(st: &mut State, now: Instant, attempt: u64) -> Result<()> {
+        attach(
+            st,
+            now,
+            attempt,
+            FrameDecoder::handshake(),
+            0,
+            &mut Some(transport()),
+        )
+    }
+
     #[tokio::test]
     async fn of_two_racing_resumes_the_older_cannot_detach_after_the_newer_nor_attach() {
         let shared = live_session();
@@ -423,50 +435,20 @@ mod tests {
         assert_eq!(detach(&mut st, now, 6, 0).unwrap(), 0);
         assert!(matches!(detach(&mut st, now, 5, 0), Err(Refusal::Stale(6))));
         assert!(matches!(
-            attach(
-                &mut st,
-                now,
-                5,
-                FrameDecoder::handshake(),
-                0,
-                &mut Some(transport())
-            ),
+            attach_fresh(&mut st, now, 5),
             Err(Error::ReconnectionInProgress)
         ));
-        attach(
-            &mut st,
-            now,
-            6,
-            FrameDecoder::handshake(),
-            0,
-            &mut Some(transport()),
-        )
-        .unwrap();
+        attach_fresh(&mut st, now, 6).unwrap();
         assert!(st.conn.has_path());
         assert_eq!(st.conn.generation(), 2);
         // The other order: 7 detaches, 8 takes over before 7 attaches; 7 then cannot attach.
         detach(&mut st, now, 7, 0).unwrap();
         detach(&mut st, now, 8, 0).unwrap();
         assert!(matches!(
-            attach(
-                &mut st,
-                now,
-                7,
-                FrameDecoder::handshake(),
-                0,
-                &mut Some(transport())
-            ),
+            attach_fresh(&mut st, now, 7),
             Err(Error::ReconnectionInProgress)
         ));
-        attach(
-            &mut st,
-            now,
-            8,
-            FrameDecoder::handshake(),
-            0,
-            &mut Some(transport()),
-        )
-        .unwrap();
+        attach_fresh(&mut st, now, 8).unwrap();
         assert_eq!(st.conn.generation(), 3);
     }
 

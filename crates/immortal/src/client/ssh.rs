@@ -895,6 +895,21 @@ mod tests {
         attempt.abort();
     }
 
+    /// The stream id a connector (for the sshd if `sshd`) gets from a carrier that runs
+    /// `script` in place of ssh, on port 22.
+    async fn stream_created_by(script: &str, sshd: bool) -> String {
+        let ssh = SshCommand::parse(&format!("sh -c \"{script}\" carrier")).unwrap();
+        let mut connector = SshConnector::new(SshCarrier::new(ssh, "host", None), 22);
+        if sshd {
+            connector = connector.to_sshd();
+        }
+        let _io = tokio::time::timeout(Duration::from_secs(20), connector.connect())
+            .await
+            .expect("no answer")
+            .unwrap();
+        connector.stream_id().expect("no stream created")
+    }
+
     /// What a login's start-up files print before the relay runs (a long line, bytes that are
     /// not UTF-8, a terminal title with no newline) is skipped, and the reply found after it.
     #[tokio::test]
@@ -904,13 +919,7 @@ mod tests {
             "head -c 600 /dev/zero | tr '\\\\0' x; echo; printf '\\\\377\\\\376\\\\n'; \
              printf '\\\\033]0;title\\\\007'; echo 'ok {id}'; exec sleep 1000"
         );
-        let ssh = SshCommand::parse(&format!("sh -c \"{script}\" carrier")).unwrap();
-        let connector = SshConnector::new(SshCarrier::new(ssh, "host", None), 22);
-        let _io = tokio::time::timeout(Duration::from_secs(20), connector.connect())
-            .await
-            .expect("no answer")
-            .unwrap();
-        assert_eq!(connector.stream_id().as_deref(), Some(id));
+        assert_eq!(stream_created_by(&script, false).await, id);
     }
 
     /// An immortal on the remote from before `sshd` requests refuses the word (bad request):
@@ -925,13 +934,7 @@ mod tests {
              words'; exit 0;; *' new 22') [ -e {asked} ] && echo 'ok {id}'; exec sleep 1000;; esac",
             asked = dir.path().join("asked").display()
         );
-        let ssh = SshCommand::parse(&format!("sh -c \"{script}\" carrier")).unwrap();
-        let connector = SshConnector::new(SshCarrier::new(ssh, "host", None), 22).to_sshd();
-        let _io = tokio::time::timeout(Duration::from_secs(20), connector.connect())
-            .await
-            .expect("no answer")
-            .unwrap();
-        assert_eq!(connector.stream_id().as_deref(), Some(id));
+        assert_eq!(stream_created_by(&script, true).await, id);
     }
 
     /// A carrier abandoned while it starts (here an "ssh" that announces itself on a FIFO
